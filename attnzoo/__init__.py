@@ -1,0 +1,28 @@
+"""attnzoo: attention mechanisms from the literature behind one API.
+
+    import attnzoo as az
+    out = az.attention(q, k, v, method="softmax", causal=True)
+"""
+
+from .api import attention, build, config
+from .errors import AttentionInputError, UnknownMethod, UnsupportedImpl, UnsupportedPattern
+from .registry import MethodSpec, PATTERNS, get, methods, register
+from . import masks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "build",
+    "config",
+    "methods",
+    "get",
+    "register",
+    "MethodSpec",
+    "PATTERNS",
+    "AttentionInputError",
+    "UnsupportedPattern",
+    "UnknownMethod",
+    "UnsupportedImpl",
+    "masks",
+]
