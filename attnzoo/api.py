@@ -154,15 +154,18 @@ class MethodModule(torch.nn.Module):
 # --------------------------------------------------------------------------- checks
 
 
-def check_options(spec: MethodSpec, options: dict) -> dict:
-    """Reject unknown option names (with a suggestion); return options with defaults filled."""
+def check_options(spec: MethodSpec, options: dict, known: Optional[dict] = None) -> dict:
+    """Reject unknown option names (with a suggestion); return options with defaults filled.
+
+    ``known``: the valid options and defaults (default ``spec.options``)."""
+    known = spec.options if known is None else known
     for name in options:
-        if name not in spec.options:
-            valid = ", ".join(sorted(spec.options)) or "none"
+        if name not in known:
+            valid = ", ".join(sorted(known)) or "none"
             raise AttentionInputError(
-                f"method {spec.name!r} has no option {name!r}.{closest(name, spec.options)} Its options: {valid}"
+                f"method {spec.name!r} has no option {name!r}.{closest(name, known)} Its options: {valid}"
             )
-    return {**spec.options, **options}
+    return {**known, **options}
 
 
 def _check_tensor(name: str, t, layout: str) -> None:

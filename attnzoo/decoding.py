@@ -26,7 +26,9 @@ from typing import Optional
 import torch
 
 from . import registry
+
 from .api import check_options, check_qkv
+from .registry import method_options
 from .errors import AttentionInputError, fmt_shape
 
 
@@ -83,7 +85,7 @@ def init_state(method: str, batch_size: int, kv_heads: int, head_dim: int, v_dim
     """A fresh decoding state for ``method`` (see the module docstring)."""
     spec = registry.get(method)
     _require_decoding(spec)
-    opts = check_options(spec, options)
+    opts = _options_for(spec, spec.init_state, options)
     return spec.init_state(batch_size, kv_heads, head_dim, v_dim or head_dim, dtype=dtype, device=device,
                            max_len=max_len, **opts)
 
@@ -99,9 +101,21 @@ def step(method: str, state, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise AttentionInputError(
             f"step takes as many new queries as new keys, got q {fmt_shape(q)} and k {fmt_shape(k)} (dim 2)"
         )
-    opts = check_options(spec, options)
+    opts = _options_for(spec, spec.step, options)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return spec.step(state, q, k, v, scale=scale, impl=impl, **opts)
+
+
+_PROTOCOL_KWARGS = ("dtype", "device", "max_len", "scale", "impl")
+
+
+def _options_for(spec, fn, given: dict) -> dict:
+    """The method options ``fn`` takes, defaults filled in; a name that is neither a
+    method option nor one of ``fn``'s own (e.g. ``num_splits``) is an error."""
+    own = {n: d for n, d in method_options(fn).items() if n not in _PROTOCOL_KWARGS}
+    known = {**spec.options, **own}
+    check_options(spec, given, known)
+    return {name: given.get(name, default) for name, default in known.items() if name in own}
 
 
 def _require_decoding(spec) -> None:

@@ -1,3 +1,4 @@
 """Built-in attention methods: importing this package registers them all."""
 
-from . import softmax  # noqa: F401
+from . import softmax  # noqa: F401  (first: other methods build on it)
+from . import clipped_softmax, selective, sigmoid  # noqa: F401
