@@ -7,12 +7,15 @@
 from .api import attention, build, config
 from .errors import AttentionInputError, UnknownMethod, UnsupportedImpl, UnsupportedPattern
 from .registry import MethodSpec, PATTERNS, get, methods, register
+from .layers import Attention, RotaryEmbedding
 from . import masks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "Attention",
+    "RotaryEmbedding",
     "build",
     "config",
     "methods",
