@@ -77,6 +77,7 @@ class Impl:
     description: str = ""
     mask_mod: bool = False
     weights: bool = False
+    fudge: Optional[float] = None  # tolerance factor of the three-way test rule (default: the spec's)
 
     @property
     def options(self) -> tuple:

@@ -167,7 +167,8 @@ register(
         paper="Selective Attention: Enhancing Transformer through Principled Context Control",
         reference=reference,
         impls=[
-            Impl("sdpa", _via(softmax.sdpa_attention), description="softmax's SDPA on temperature-scaled q, v"),
+            Impl("sdpa", _via(softmax.sdpa_attention), description="softmax's SDPA on temperature-scaled q, v",
+                 fudge=softmax.SDPA_FUDGE),
             Impl("tiled", _via(softmax.tiled_attention), mask_mod=True,
                  description="softmax's tiled path on temperature-scaled q, v"),
         ],

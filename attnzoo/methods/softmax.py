@@ -82,6 +82,12 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
 
 # ------------------------------------------------------------------------------ sdpa
 
+#: PyTorch's fused CPU kernel (vectorised exp, blocked accumulation) is measured at up
+#: to 5x the error of the explicit float32 reference once logits are sharp (e.g. queries
+#: scaled by a temperature of 3-4); it is the library's ground truth, so its own
+#: tolerance factor is wider than the default 3.
+SDPA_FUDGE = 8.0
+
 
 def _sdpa_supports(call):
     if call.options.get("softcap") is not None:
@@ -361,7 +367,8 @@ register(
         paper="Attention Is All You Need",
         reference=reference,
         impls=[
-            Impl("sdpa", sdpa_attention, supports=_sdpa_supports, description="torch scaled_dot_product_attention"),
+            Impl("sdpa", sdpa_attention, supports=_sdpa_supports, description="torch scaled_dot_product_attention",
+                 fudge=SDPA_FUDGE),
             Impl("tiled", tiled_attention, supports=_tiled_supports, mask_mod=True,
                  description="FlashAttention online softmax in blocks, O(N·block) memory, custom backward"),
             Impl("flex", flex_attention_impl, supports=_flex_supports,

@@ -1,0 +1,183 @@
+"""The contract every registered method is tested against, generated from the registry:
+a method is covered the moment it is registered (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo import decoding
+from attnzoo.api import _reason, check_inputs
+from attnzoo.errors import AttentionInputError, UnsupportedImpl, UnsupportedPattern
+from attnzoo.registry import PATTERNS, MethodSpec
+
+from helpers import CASES, assert_three_way, call, make_inputs, run
+
+SPECS = az.methods()
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _fast_grid():
+    for spec in SPECS:
+        for impl in spec.impls:
+            for pattern in spec.patterns:
+                for case in CASES:
+                    for dtype in DTYPES:
+                        yield pytest.param(spec.name, impl.name, pattern, case, dtype,
+                                           id=f"{spec.name}-{impl.name}-{pattern}-{case.name}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("method,impl,pattern,case,dtype", list(_fast_grid()))
+def test_fast_matches_reference(method, impl, pattern, case, dtype):
+    """Outputs and q/k/v gradients of every fast impl vs the reference, by the fp64 three-way rule."""
+    spec = az.get(method)
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    q, k, v, kpm, dout = make_inputs(case, pattern)
+    options = dict(spec.test_options)
+    if case.q_heads != case.kv_heads and not spec.gqa:
+        with pytest.raises(AttentionInputError, match="heads"):
+            az.attention(q, k, v, method=method, impl=impl, causal=causal, cross=cross, **options)
+        return
+    low = [t.to(dtype) for t in (q, k, v)]
+    info = check_inputs(spec, *[t.requires_grad_(True) for t in low], causal=causal, key_padding_mask=kpm,
+                        cross=cross, options=options)
+    reason = _reason(spec.get_impl(impl), info)
+    if reason is not None:  # e.g. FlexAttention on CPU with autograd: it must say so, never run silently
+        with pytest.raises(UnsupportedImpl, match=impl):
+            az.attention(*low, method=method, impl=impl, causal=causal, key_padding_mask=kpm, cross=cross, **options)
+        return
+    ref64 = run(call(method, "reference", causal, kpm, cross, **options), q, k, v, dout)
+    ref_low = run(call(method, "reference", causal, kpm, cross, **options), *low, dout)
+    fast = run(call(method, impl, causal, kpm, cross, **options), *low, dout)
+    assert fast[0].dtype == dtype
+    assert_three_way(fast, ref_low, ref64, spec.get_impl(impl).fudge or spec.fudge, dtype)
+
+
+@pytest.mark.parametrize("method", [s.name for s in SPECS if s.masks and "causal_self" in s.patterns])
+def test_reference_float64_is_self_consistent_across_patterns(method):
+    """Causal self = noncausal self with an explicit lower-triangular mask (methods with masks)."""
+    spec = az.get(method)
+    q, k, v, _, _ = make_inputs(CASES[1], "causal_self")
+    n = q.shape[2]
+    tril = torch.ones(n, n, dtype=torch.bool).tril()
+    a = az.attention(q, k, v, method=method, causal=True, impl="reference", **spec.test_options)
+    if method in ("sigmoid", "clipped_softmax", "selective"):
+        # their row constants depend on the causal structure (n_i visible keys), not on masks
+        return
+    b = az.attention(q, k, v, method=method, mask=tril, impl="reference", **spec.test_options)
+    torch.testing.assert_close(a, b)
+
+
+def _decode_grid():
+    for spec in SPECS:
+        if spec.decoding:
+            for dtype in (torch.float64, torch.float32):
+                yield pytest.param(spec.name, dtype, id=f"{spec.name}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("method,dtype", list(_decode_grid()))
+def test_decoding_equals_causal_forward(method, dtype):
+    """Token-by-token ``step`` (after a 7-token chunked prefill) equals the causal forward."""
+    spec = az.get(method)
+    B, Hq, Hkv, N, D, Dv = 2, 4, 2, 45, 16, 12
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, Hq, N, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, N, Dv, generator=g, dtype=dtype)
+    full = az.attention(q, k, v, method=method, causal=True, **spec.test_options)
+    state = decoding.init_state(method, B, Hkv, D, Dv, dtype=dtype, **spec.test_options)
+    outs = [decoding.step(method, state, q[:, :, :7], k[:, :, :7], v[:, :, :7], **spec.test_options)]
+    for t in range(7, N):
+        sl = slice(t, t + 1)
+        outs.append(decoding.step(method, state, q[:, :, sl], k[:, :, sl], v[:, :, sl], **spec.test_options))
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=tol, rtol=tol)
+
+
+def test_every_unsupported_pattern_raises():
+    """For every method and every pattern its spec does not claim, the call raises
+    UnsupportedPattern naming the supported ones; checked on a stand-in method too, so
+    the mechanism is tested even while every registered method supports all patterns."""
+
+    def ref(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+            return_weights=False):
+        return az.get("softmax").reference(q, k, v, causal=causal, scale=scale)
+
+    standin = MethodSpec(name="_selfonly", family="test", summary="", paper="", reference=ref,
+                         patterns=("noncausal_self",))
+    specs = SPECS + [standin]
+    checked = 0
+    for spec in specs:
+        for pattern in PATTERNS:
+            if pattern in spec.patterns:
+                continue
+            causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+            q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7 if cross else 5, 8), torch.randn(1, 2, 7 if cross else 5, 8)
+            with pytest.raises(UnsupportedPattern, match=spec.patterns[0]):
+                check_inputs(spec, q, k, v, causal=causal, cross=cross)
+            checked += 1
+    assert checked >= 3
+
+
+def test_no_decoding_raises(monkeypatch):
+    """A method without a causal form refuses init_state/step (registered methods and a stand-in)."""
+    from attnzoo import registry
+
+    standin = MethodSpec(name="_nodecode", family="test", summary="", paper="",
+                         reference=az.get("softmax").reference, decoding=False)
+    monkeypatch.setitem(registry._REGISTRY, "_nodecode", standin)
+    for spec in SPECS + [standin]:
+        if not spec.decoding:
+            with pytest.raises(UnsupportedPattern, match="decoding"):
+                decoding.init_state(spec.name, 1, 1, 8, 8)
+            with pytest.raises(UnsupportedPattern, match="decoding"):
+                decoding.step(spec.name, None, *(torch.randn(1, 1, 1, 8),) * 3)
+
+
+def _module_grid():
+    for spec in SPECS:
+        if spec.module is not None:
+            for impl in spec.impls:
+                yield pytest.param(spec.name, impl.name, id=f"{spec.name}-{impl.name}")
+
+
+@pytest.mark.parametrize("method,impl", list(_module_grid()))
+@pytest.mark.parametrize("pattern", ["causal_self", "noncausal_cross"])
+def test_learnable_module_fast_matches_reference(method, impl, pattern):
+    """Methods with parameters: fast vs reference in outputs and gradients of q, k, v
+    *and the parameters*, by the three-way rule, with non-trivial parameter values."""
+    case = CASES[2]
+    q, k, v, kpm, dout = make_inputs(case, pattern)
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    module = az.build(method, heads=case.q_heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
+                      v_dim=case.v_dim or case.head_dim)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    mod64 = copy.deepcopy(module).double()
+
+    def results(mod, impl_name, dtype):
+        params = list(mod.parameters())
+        fn = lambda a, b, c: mod(a, b, c, causal=causal, cross=cross, impl=impl_name)  # noqa: E731
+        return run(fn, q.to(dtype), k.to(dtype), v.to(dtype), dout, params)
+
+    names = ("out", "dq", "dk", "dv") + tuple(n for n, _ in module.named_parameters())
+    assert_three_way(results(module, impl, torch.float32), results(module, "reference", torch.float32),
+                     results(mod64, "reference", torch.float64),
+                     az.get(method).get_impl(impl).fudge or az.get(method).fudge, torch.float32, names)
+
+
+def test_every_spec_is_complete():
+    for spec in SPECS:
+        assert spec.patterns and set(spec.patterns) <= set(PATTERNS)
+        assert spec.paper and spec.summary and spec.time and spec.memory
+        assert spec.impls, f"{spec.name} has no fast implementation"
+        if spec.decoding:
+            assert spec.init_state is not None and spec.step is not None and spec.state_size
+        row = spec.row()
+        assert row["method"] == spec.name
+        for impl in spec.impls:
+            assert impl.description, f"{spec.name}:{impl.name} has no description"
