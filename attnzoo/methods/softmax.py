@@ -264,6 +264,8 @@ def _flex_supports(call):
         return "FlexAttention on CPU runs for inference only (inputs require grad); use impl='tiled' or 'sdpa'"
     if call.dropout_p > 0:
         return "the flex path has no dropout"
+    if call.device.type == "cpu" and call.dtype == torch.float64:
+        return "FlexAttention on CPU supports float32/float16/bfloat16 only, not float64"
     if call.head_dim != call.v_dim:
         return "the flex path needs Dv == D"
     return None
