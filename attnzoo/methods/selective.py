@@ -174,7 +174,7 @@ register(
         ],
         exact=False,
         time="O(N^2 D)",
-        memory="O(N) sdpa/tiled, O(N^2) reference",
+        memory="O(N·block) tiled, O(N^2) reference",
         learnable=True,
         dropout=True,
         decoding=True,

@@ -104,7 +104,7 @@ register(
                     description="checkpointed query-row chunks, O(N·block) memory")],
         exact=False,
         time="O(N^2 D)",
-        memory="O(N) chunked, O(N^2) reference",
+        memory="O(N·block) chunked, O(N^2) reference",
         decoding=True,
         state_size="KV cache: 2·Hkv·N·D per sequence",
         init_state=init_state,

@@ -1,0 +1,240 @@
+"""The efficiency sweep: forward and forward+backward time and peak memory of methods
+over sequence lengths, next to ``torch.nn.functional.scaled_dot_product_attention``
+measured in the same run.
+
+Each (method, length, mode) case runs in its own worker process
+(:mod:`attnzoo.bench.worker`). Time is the median of ``repeats`` runs after one
+warm-up; peak memory is the growth of the resident set high-water mark during the
+first (warm-up) call, above the inputs: what the attention itself needed.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from .. import registry
+from ..errors import AttentionInputError
+from .worker import peak_rss_mib, reset_peak_rss, rss_mib, run_isolated
+
+#: The baseline every method is compared with: torch's own SDPA, called directly.
+BASELINE = "torch_sdpa"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    method: str  # a registered method, or BASELINE
+    impl: str  # "auto", "reference" or a fast impl name
+    seq_len: int
+    mode: str  # "fwd" or "fwd+bwd"
+    pattern: str = "causal_self"
+    dtype: str = "float32"
+    batch: int = 1
+    heads: int = 8
+    kv_heads: Optional[int] = None
+    head_dim: int = 64
+    repeats: int = 3
+    options: tuple = ()  # method options as (name, value) pairs
+
+    @property
+    def label(self) -> str:
+        return self.method if self.impl == "auto" else f"{self.method}:{self.impl}"
+
+
+@dataclass
+class BenchResult:
+    case: BenchCase
+    status: str  # ok, error, oom, timeout
+    times_s: list = field(default_factory=list)
+    peak_mib: Optional[float] = None
+    impl_used: Optional[str] = None
+    error: Optional[str] = None
+
+    @property
+    def median_s(self) -> Optional[float]:
+        return statistics.median(self.times_s) if self.times_s else None
+
+    def record(self) -> dict:
+        out = asdict(self.case)
+        out.update(status=self.status, times_s=self.times_s, median_s=self.median_s, peak_mib=self.peak_mib,
+                   impl_used=self.impl_used, error=self.error, label=self.case.label)
+        return out
+
+
+def parse_methods(spec: str) -> list[tuple[str, str]]:
+    """``"softmax:tiled,sigmoid"`` -> ``[("softmax", "tiled"), ("sigmoid", "auto")]`` (validated)."""
+    pairs = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, impl = item.partition(":")
+        impl = impl or "auto"
+        if name != BASELINE:
+            s = registry.get(name)  # raises with a suggestion if misspelled
+            if impl != "auto" and impl not in s.impl_names:
+                raise AttentionInputError(f"{name!r} has no impl {impl!r}; choose from {', '.join(s.impl_names)}")
+        pairs.append((name, impl))
+    if not pairs:
+        raise AttentionInputError("--methods is empty")
+    return pairs
+
+
+def make_inputs(case: BenchCase, requires_grad: bool):
+    dtype = DTYPES[case.dtype]
+    g = torch.Generator().manual_seed(0)
+    cross = case.pattern.endswith("cross")
+    nq = case.seq_len
+    nk = case.seq_len if not cross else max(1, case.seq_len // 2)
+    hkv = case.kv_heads or case.heads
+    q = torch.randn(case.batch, case.heads, nq, case.head_dim, generator=g).to(dtype)
+    k = torch.randn(case.batch, hkv, nk, case.head_dim, generator=g).to(dtype)
+    v = torch.randn(case.batch, hkv, nk, case.head_dim, generator=g).to(dtype)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v
+
+
+def _runner(case: BenchCase):
+    """The function timed: one forward (and backward) of the case's method."""
+    causal, cross = case.pattern.startswith("causal"), case.pattern.endswith("cross")
+    if case.method == BASELINE:
+        import torch.nn.functional as F
+
+        def call(q, k, v):
+            Nq, Nk = q.shape[2], k.shape[2]
+            if causal and Nq != Nk:
+                mask = torch.ones(Nq, Nk, dtype=torch.bool).tril(diagonal=Nk - Nq)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+
+        return call, "sdpa"
+    from ..api import attention, check_inputs, select_impl
+
+    spec = registry.get(case.method)
+    options = dict(case.options)
+    module = None
+    if spec.module is not None:
+        module = spec.module(heads=case.heads, kv_heads=case.kv_heads or case.heads, head_dim=case.head_dim)
+
+    def call(q, k, v):
+        if module is not None:
+            return module(q, k, v, causal=causal, cross=cross, impl=case.impl, nan_policy="propagate", **options)
+        return attention(q, k, v, method=case.method, causal=causal, cross=cross, impl=case.impl,
+                         nan_policy="propagate", **options)
+
+    q, k, v = make_inputs(BenchCase(**{**asdict(case), "seq_len": 2}), False)
+    info = check_inputs(spec, q, k, v, causal=causal, cross=cross, options=options)
+    used = select_impl(spec, case.impl, info).name if module is None else case.impl
+    return call, used
+
+
+def measure(case: BenchCase) -> dict:
+    """Run in the worker: peak memory of the first call, then the median of ``repeats``."""
+    torch.manual_seed(0)
+    backward = case.mode == "fwd+bwd"
+    call, used = _runner(case)
+    q, k, v = make_inputs(case, backward)
+    grad_out = None
+
+    def once():
+        nonlocal grad_out
+        if backward:
+            out = call(q, k, v)
+            if grad_out is None:
+                grad_out = torch.randn_like(out)
+            out.backward(grad_out)
+            for t in (q, k, v):
+                t.grad = None
+        else:
+            with torch.no_grad():
+                call(q, k, v)
+
+    reset_peak_rss()
+    base = rss_mib()
+    once()
+    peak = max(0.0, peak_rss_mib() - base)
+    times = []
+    for _ in range(case.repeats):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return {"times_s": times, "peak_mib": peak, "impl_used": used}
+
+
+def run_case(case: BenchCase, timeout: float = 600.0, isolate: bool = True, memory_limit_mib=None) -> BenchResult:
+    if not isolate:
+        try:
+            return BenchResult(case, "ok", **measure(case))
+        except Exception as e:  # noqa: BLE001
+            return BenchResult(case, "error", error=f"{type(e).__name__}: {e}")
+    status, value = run_isolated(measure, (case,), timeout, memory_limit_mib)
+    if status == "ok":
+        return BenchResult(case, "ok", **value)
+    return BenchResult(case, status, error=str(value))
+
+
+def build_cases(methods: list, lengths: Iterable[int], modes: Iterable[str], patterns: Iterable[str], dtype: str,
+                **common) -> list[BenchCase]:
+    """The baseline first at every length, then every method; skips patterns a method lacks."""
+    cases = []
+    pairs = [(BASELINE, "auto")] + [p for p in methods if p[0] != BASELINE]
+    for pattern in patterns:
+        for n in lengths:
+            for mode in modes:
+                for name, impl in pairs:
+                    if name != BASELINE and pattern not in registry.get(name).patterns:
+                        continue
+                    cases.append(BenchCase(name, impl, int(n), mode, pattern=pattern, dtype=dtype, **common))
+    return cases
+
+
+def run_sweep(cases: list[BenchCase], timeout: float = 600.0, isolate: bool = True, progress=None,
+              memory_limit_mib=None) -> Iterator[BenchResult]:
+    """Yield each case's result as soon as it is measured."""
+    for case in cases:
+        result = run_case(case, timeout, isolate, memory_limit_mib)
+        if progress is not None:
+            progress(case, result)
+        yield result
+
+
+def ratios(results: list[BenchResult]) -> dict:
+    """time(method) / time(SDPA) for the same length, mode, pattern and dtype."""
+    base = {}
+    for r in results:
+        c = r.case
+        if c.method == BASELINE and r.median_s:
+            base[(c.seq_len, c.mode, c.pattern, c.dtype)] = r.median_s
+    out = {}
+    for r in results:
+        c = r.case
+        ref = base.get((c.seq_len, c.mode, c.pattern, c.dtype))
+        out[id(r)] = (r.median_s / ref) if (ref and r.median_s) else None
+    return out
+
+
+def scaling_exponent(lengths: list, values: list) -> Optional[float]:
+    """Least-squares slope of log(value) against log(N): ~1 linear, ~2 quadratic."""
+    pts = [(math.log(n), math.log(v)) for n, v in zip(lengths, values) if v and v > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
+
+
+def machine_info() -> dict:
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,172 @@
+"""The ``attnzoo`` command: ``attnzoo list`` and ``attnzoo bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from . import registry
+
+LIST_COLUMNS = ["method", "family", "patterns", "exact", "time", "memory", "impls", "learnable", "masks", "gqa",
+                "decoding", "paper"]
+
+DEFAULT_BENCH_METHODS = "softmax:sdpa,softmax:tiled,sigmoid,clipped_softmax,selective"
+
+
+def methods_markdown() -> str:
+    """The README's table of methods, generated from the registry."""
+    rows = [s.row() for s in registry.methods()]
+    lines = ["| " + " | ".join(LIST_COLUMNS) + " |", "|" + "---|" * len(LIST_COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in LIST_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_list(args) -> int:
+    if args.markdown:
+        sys.stdout.write(methods_markdown())
+        return 0
+    table = Table(title=f"attnzoo methods ({len(registry.methods())})")
+    for c in LIST_COLUMNS:
+        table.add_column(c, overflow="fold", no_wrap=c in ("method", "family"))
+    for s in registry.methods():
+        r = s.row()
+        table.add_row(*[str(r[c]) for c in LIST_COLUMNS])
+    _console().print(table)
+    return 0
+
+
+def _console() -> Console:
+    """A console at least 160 columns wide, so tables are not squeezed when piped."""
+    console = Console()
+    return Console(width=160) if not console.is_terminal or console.width < 160 else console
+
+
+def _fmt_ms(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s * 1e3:,.1f}"
+
+
+def cmd_bench(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .bench import efficiency as eff
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = eff.parse_methods(args.methods)
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in ("fwd", "fwd+bwd"):
+            raise SystemExit(f"--modes takes fwd and/or fwd+bwd, got {m!r}")
+    patterns = [p for p in args.patterns.split(",") if p]
+    for p in patterns:
+        if p not in registry.PATTERNS:
+            raise SystemExit(f"--patterns takes {', '.join(registry.PATTERNS)}; got {p!r}")
+    if args.dtype not in eff.DTYPES:
+        raise SystemExit(f"--dtype takes {', '.join(eff.DTYPES)}; got {args.dtype!r}")
+    cases = eff.build_cases(methods, lengths, modes, patterns, args.dtype, batch=args.batch, heads=args.heads,
+                            kv_heads=args.kv_heads, head_dim=args.head_dim, repeats=args.repeats)
+    console = _console()
+    console.print(f"[bold]attnzoo bench[/]: {len(cases)} cases, B={args.batch} H={args.heads} D={args.head_dim} "
+                  f"{args.dtype}, median of {args.repeats}, each case in its own process; machine: "
+                  f"{eff.machine_info()}")
+    out_file = None
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        out_file = open(args.out, "a")
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("measuring", total=len(cases))
+
+        def on_done(case, result):
+            progress.update(task, advance=1, description=f"{case.label} N={case.seq_len} {case.mode}")
+            if out_file:
+                out_file.write(json.dumps({**result.record(), **eff.machine_info()}) + "\n")
+                out_file.flush()
+
+        for r in eff.run_sweep(cases, timeout=args.timeout, isolate=not args.no_isolate, progress=on_done,
+                               memory_limit_mib=args.memory_limit):
+            results.append(r)
+    if out_file:
+        out_file.close()
+    console.print(results_table(results))
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+def results_table(results) -> Table:
+    from .bench import efficiency as eff
+
+    ratio = eff.ratios(results)
+    table = Table(title="time (ms, median) and peak memory above inputs (MiB); ratio = time / torch SDPA, same run")
+    for c in ("pattern", "N", "method", "impl", "fwd ms", "fwd ratio", "fwd MiB", "fwd+bwd ms", "f+b ratio",
+              "f+b MiB"):
+        table.add_column(c, justify="right" if c not in ("pattern", "method", "impl") else "left")
+    rows = {}
+    for r in results:
+        c = r.case
+        key = (c.pattern, c.seq_len, c.label)
+        row = rows.setdefault(key, {"impl": r.impl_used or c.impl})
+        if r.status != "ok":
+            row[c.mode] = (r.status.upper(), "", "")
+        else:
+            rat = ratio[id(r)]
+            row[c.mode] = (_fmt_ms(r.median_s), "-" if rat is None else f"{rat:.2f}x",
+                           "-" if r.peak_mib is None else f"{r.peak_mib:,.0f}")
+    for (pattern, n, label), row in rows.items():
+        f = row.get("fwd", ("", "", ""))
+        fb = row.get("fwd+bwd", ("", "", ""))
+        table.add_row(pattern, str(n), label.split(":")[0], row["impl"], *f, *fb)
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnzoo", description="attention mechanisms behind one API")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="list the registered methods")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown table (the README's)")
+    p.set_defaults(func=cmd_list)
+    b = sub.add_parser("bench", help="time forward / forward+backward against torch SDPA")
+    b.add_argument("--methods", default=DEFAULT_BENCH_METHODS,
+                   help="comma-separated method or method:impl (default: %(default)s)")
+    b.add_argument("--lengths", default="512,1024,2048,4096", help="sequence lengths (default: %(default)s)")
+    b.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd (default: %(default)s)")
+    b.add_argument("--patterns", default="causal_self", help=f"any of {', '.join(registry.PATTERNS)}")
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--heads", type=int, default=8)
+    b.add_argument("--kv-heads", type=int, default=None)
+    b.add_argument("--head-dim", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--timeout", type=float, default=300.0, help="seconds per case before it is recorded as timeout")
+    b.add_argument("--memory-limit", type=float, default=None, help="MiB of address space per case (RLIMIT_AS)")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    b.add_argument("--out", default=None, help="append one JSON record per case to this file")
+    b.add_argument("--no-isolate", action="store_true", help="run cases in this process (memory figures are then "
+                   "not per case)")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import AttentionInputError
+
+    try:
+        return args.func(args)
+    except AttentionInputError as e:
+        print(f"attnzoo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The `attnzoo` command, the README table, and the first benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo import cli, readme
+from attnzoo.bench import efficiency as eff
+from attnzoo.bench.worker import run_isolated
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_table_is_up_to_date():
+    text = (ROOT / "README.md").read_text()
+    assert readme.render(text) == text, "README's method table is stale: run `make readme`"
+    for spec in az.methods():
+        assert f"| {spec.name} |" in text
+
+
+def test_list_markdown_and_rich(capsys):
+    assert cli.main(["list", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out == cli.methods_markdown()
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for spec in az.methods():
+        assert spec.name in out
+
+
+def test_python_dash_m_is_the_same_command():
+    res = subprocess.run([sys.executable, "-m", "attnzoo", "list", "--markdown"], capture_output=True, text=True,
+                         check=True)
+    assert res.stdout == cli.methods_markdown()
+
+
+def test_bench_runs_and_writes_records(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    code = cli.main(["bench", "--methods", "softmax:tiled,sigmoid", "--lengths", "32,64", "--heads", "2",
+                     "--head-dim", "16", "--repeats", "1", "--patterns", "causal_self,noncausal_cross",
+                     "--out", str(out)])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # baseline + 2 methods, 2 lengths, 2 modes, 2 patterns
+    assert len(records) == 3 * 2 * 2 * 2
+    assert all(r["status"] == "ok" and r["median_s"] > 0 and r["peak_mib"] is not None for r in records)
+    assert {r["label"] for r in records} == {"torch_sdpa", "softmax:tiled", "sigmoid"}
+    text = capsys.readouterr().out
+    assert "ratio" in text and "torch_sdpa" in text
+
+
+def test_bench_rejects_bad_arguments():
+    assert cli.main(["bench", "--methods", "sofmax"]) == 2
+    with pytest.raises(az.AttentionInputError, match="no impl"):
+        eff.parse_methods("softmax:nope")
+
+
+def _boom():
+    raise RuntimeError("case failed on purpose")
+
+
+def _sleep():
+    import time
+
+    time.sleep(30)
+
+
+def _allocate():
+    return torch.ones(512, 1024, 1024).sum().item()  # 2 GiB
+
+
+def test_worker_records_errors_timeouts_and_memory_limits():
+    assert run_isolated(_boom, (), timeout=60)[0] == "error"
+    assert "on purpose" in run_isolated(_boom, (), timeout=60)[1]
+    assert run_isolated(_sleep, (), timeout=1)[0] == "timeout"
+    status, _ = run_isolated(_allocate, (), timeout=60, memory_limit_mib=1024)
+    assert status in ("oom", "error")
+    assert run_isolated(eff.measure, (eff.BenchCase("softmax", "tiled", 64, "fwd", heads=1, head_dim=8, repeats=1),),
+                        timeout=60)[0] == "ok"
+
+
+def test_peak_memory_grows_with_quadratic_reference():
+    """The worker's peak-RSS figure sees a quadratic reference's N×N scores."""
+    small = eff.run_case(eff.BenchCase("softmax", "reference", 512, "fwd", heads=4, head_dim=16, repeats=1))
+    big = eff.run_case(eff.BenchCase("softmax", "reference", 2048, "fwd", heads=4, head_dim=16, repeats=1))
+    assert small.status == big.status == "ok"
+    assert big.peak_mib > 4 * 2048 * 2048 * 4 / 2**20 * 0.9  # at least one (H, N, N) float32 score matrix
+    assert big.peak_mib > 4 * small.peak_mib
+
+
+def test_scaling_exponent_on_synthetic_timings():
+    ns = [1024, 2048, 4096, 8192]
+    assert eff.scaling_exponent(ns, [n**2 * 1e-9 for n in ns]) == pytest.approx(2.0)
+    assert eff.scaling_exponent(ns, [n * 3e-6 for n in ns]) == pytest.approx(1.0)
+    assert eff.scaling_exponent([1024], [1.0]) is None
