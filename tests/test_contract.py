@@ -179,3 +179,27 @@ def test_every_spec_is_complete():
         assert row["method"] == spec.name
         for impl in spec.impls:
             assert impl.description, f"{spec.name}:{impl.name} has no description"
+
+
+@pytest.mark.parametrize("method", [s.name for s in SPECS if s.exact])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_exact_methods_equal_torch_sdpa(method, pattern):
+    """Every method that claims exactness equals F.scaled_dot_product_attention, in every
+    impl that can serve the call (lower-right causal alignment built independently)."""
+    import torch.nn.functional as F
+
+    spec = az.get(method)
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    q, k, v, kpm, _ = make_inputs(CASES[4], pattern, dtype=torch.float32)
+    nq, nk = q.shape[2], k.shape[2]
+    allowed = kpm[:, None, None, :].expand(-1, 1, nq, -1).clone()
+    if causal:
+        allowed &= torch.ones(nq, nk, dtype=torch.bool).tril(diagonal=nk - nq)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    expected = expected.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    for impl in spec.impl_names:
+        info = check_inputs(spec, q, k, v, causal=causal, key_padding_mask=kpm, cross=cross)
+        if _reason(spec.get_impl(impl), info) is not None:
+            continue
+        out = az.attention(q, k, v, method=method, impl=impl, causal=causal, key_padding_mask=kpm, cross=cross)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5, msg=f"{method}:{impl}")
