@@ -14,7 +14,6 @@ the argument, the expected and the actual value, before any maths runs.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Union
 
 import torch
@@ -364,11 +363,3 @@ def _is_tracing() -> bool:
         pass
     return torch.jit.is_tracing()
 
-
-def default_scale(head_dim: int, scale: Optional[float]) -> float:
-    return head_dim**-0.5 if scale is None else float(scale)
-
-
-def neg_log(n: Union[int, torch.Tensor]):
-    """-log(n), used by biases that keep a row's total mass near 1."""
-    return -torch.log(n) if isinstance(n, torch.Tensor) else -math.log(n)

@@ -132,6 +132,22 @@ def make_masker(q, k, causal, mask, key_padding_mask) -> Masker:
     )
 
 
+def masked_softmax(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row softmax of ``s`` over the allowed entries; a row with nothing allowed gives
+    zeros (plain softmax would give NaN there)."""
+    if allowed is None:
+        return torch.softmax(s, dim=-1)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    return p.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+
+
+def group_mask(allowed: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
+    """A mask broadcastable to ``(B, Hq, n, m)`` in the grouped layout ``(B, Hkv, G, n, m)``."""
+    if allowed.shape[1] == 1:
+        return allowed.unsqueeze(1)
+    return allowed.reshape(allowed.shape[0], kv_heads, groups, allowed.shape[2], allowed.shape[3])
+
+
 def visible_counts(causal: bool, q_len: int, kv_len: int, device, qs: int = 0, qe: Optional[int] = None) -> torch.Tensor:
     """Number of keys each query ``[qs, qe)`` sees under the causal structure alone,
     shape ``(qe-qs, 1)`` float32 (``Nk`` for noncausal, ``i + Nk - Nq + 1`` causal)."""

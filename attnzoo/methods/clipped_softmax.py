@@ -26,7 +26,7 @@ import torch
 from ..decoding import KVCache
 from ..errors import AttentionInputError
 from ..registry import Impl, MethodSpec, register
-from ._common import chunked_rows, compute_dtype, make_masker, repeat_kv, visible_counts
+from ._common import chunked_rows, compute_dtype, group_mask, make_masker, masked_softmax, repeat_kv, visible_counts
 
 
 def _gamma(gamma, alpha, causal, q_len, kv_len, device, qs=0, qe=None):
@@ -63,11 +63,7 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
     k, v = repeat_kv(k, Hq).to(ct), repeat_kv(v, Hq).to(ct)
     s = (q.to(ct) @ k.transpose(-1, -2)) * scale
     allowed = make_masker(q, k, causal, mask, key_padding_mask).full()
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if allowed is not None:
-        p = p.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    p = masked_softmax(s, allowed)
     w = _clip(p, zeta, _gamma(gamma, alpha, causal, Nq, Nk, q.device), allowed)
     out = (w @ v).to(q.dtype)
     return (out, w.to(q.dtype)) if return_weights else out
@@ -90,13 +86,8 @@ def chunked_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None
         n, m = qe - qs, kb.shape[2]
         s = (qb.to(ct).view(B, Hkv, G, n, D) @ kb.to(ct).unsqueeze(2).transpose(-1, -2)) * scale
         allowed = masker.block(qs, qe, 0, m)
-        a = None
-        if allowed is not None:
-            a = allowed.reshape(allowed.shape[0], Hkv, G, n, m) if allowed.shape[1] != 1 else allowed.unsqueeze(1)
-            s = s.masked_fill(~a, float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        if a is not None:
-            p = p.masked_fill(~a.any(dim=-1, keepdim=True), 0.0)
+        a = None if allowed is None else group_mask(allowed, Hkv, G)
+        p = masked_softmax(s, a)
         w = _clip(p, zeta, _gamma(gamma, alpha, causal, Nq, Nk, q.device, qs, qe), a)
         return (w @ vb.to(ct).unsqueeze(2)).reshape(B, Hq, n, -1).to(q.dtype)
 

@@ -27,7 +27,6 @@ the same complexity as softmax attention (O(N² D) time).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch

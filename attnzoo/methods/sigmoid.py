@@ -27,7 +27,7 @@ import torch
 
 from ..decoding import KVCache
 from ..registry import Impl, MethodSpec, register
-from ._common import chunked_rows, compute_dtype, make_masker, repeat_kv, visible_counts
+from ._common import chunked_rows, compute_dtype, group_mask, make_masker, repeat_kv, visible_counts
 
 
 def _bias(bias, causal, q_len, kv_len, device, qs=0, qe=None):
@@ -75,8 +75,7 @@ def chunked_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None
         w = torch.sigmoid(s + b)
         allowed = masker.block(qs, qe, 0, m)
         if allowed is not None:
-            a = allowed.reshape(allowed.shape[0], Hkv, G, n, m) if allowed.shape[1] != 1 else allowed.unsqueeze(1)
-            w = w.masked_fill(~a, 0.0)
+            w = w.masked_fill(~group_mask(allowed, Hkv, G), 0.0)
         return (w @ vb.to(ct).unsqueeze(2)).reshape(B, Hq, n, -1).to(q.dtype)
 
     return chunked_rows(rows, q, k, v, masker, block_q)

@@ -35,7 +35,7 @@ from ..decoding import KVCache, split_k_attention
 from ..errors import UnsupportedImpl
 from ..masks import flex_available
 from ..registry import Impl, MethodSpec, register
-from ._common import compute_dtype, make_masker, repeat_kv, resolve_alibi, alibi_bias, Masker
+from ._common import Masker, alibi_bias, compute_dtype, group_mask, make_masker, masked_softmax, repeat_kv, resolve_alibi
 
 
 def apply_score_mods(s, *, softcap, slopes, qs, qe, ks, ke, offset, grouped=False):
@@ -67,12 +67,7 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
     s = (q.to(ct) @ k.transpose(-1, -2)) * scale
     slopes = resolve_alibi(alibi, Hq, q.device)
     s = apply_score_mods(s, softcap=softcap, slopes=slopes, qs=0, qe=Nq, ks=0, ke=Nk, offset=Nk - Nq)
-    allowed = make_masker(q, k, causal, mask, key_padding_mask).full()
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if allowed is not None:  # rows with no visible key: softmax gives NaN, the contract says 0
-        p = p.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    p = masked_softmax(s, make_masker(q, k, causal, mask, key_padding_mask).full())
     weights = p
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
@@ -223,12 +218,7 @@ def _finish_scores(s, masker: Masker, slopes, qs, qe, ks, ke, Hkv, G):
         s = s + alibi_bias(slopes, qs, qe, ks, ke, masker.offset).view(1, Hkv, G, qe - qs, ke - ks)
     allowed = masker.block(qs, qe, ks, ke)
     if allowed is not None:
-        a = allowed
-        if a.shape[1] != 1:
-            a = a.reshape(a.shape[0], Hkv, G, a.shape[2], a.shape[3])
-        else:
-            a = a.unsqueeze(1)
-        s = s.masked_fill(~a, float("-inf"))
+        s = s.masked_fill(~group_mask(allowed, Hkv, G), float("-inf"))
     return s
 
 
