@@ -1,0 +1,124 @@
+"""Kernels shared by the linear-attention family.
+
+For feature-mapped queries and keys ``fq: (B, H, Nq, F)``, ``fk: (B, H, Nk, F)`` and
+values ``v: (B, H, Nk, Dv)``, with an optional per-head decay ``λ_h`` in (0, 1]:
+
+    causal:     o_i = sum_{j <= i} λ^(i-j) (fq_i · fk_j) v_j
+    noncausal:  o_i = fq_i (fkᵀ v)                      (fkᵀ v first: O(N F Dv))
+
+The causal form is computed in chunks of ``C`` tokens, as Lightning Attention does:
+inside a chunk the ``C x C`` masked product ``[(Q_c K_cᵀ) ⊙ M_λ] V_c``; across chunks a
+running ``F x Dv`` state ``S`` (decayed by ``λ^C`` per chunk) read by ``λ^(i+1) Q_c S``.
+Every decay exponent is >= 0, so nothing overflows (no ``λ^-i`` factors). Time
+O(N C F + N F Dv), memory O(N C + N F Dv / C) per head, and autograd works through it.
+
+A normaliser (``o_i / (fq_i · sum_j fk_j)``) is the same computation with a column of
+ones appended to ``v``; :func:`normalized` does that. Causal cross-attention
+(``Nq != Nk``, lower-right aligned) is :func:`causal_aligned`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+DEFAULT_CHUNK = 64
+
+
+def decay_tensor(decay, heads: int, device, dtype) -> Optional[torch.Tensor]:
+    """``decay`` (None, a float, or ``(H,)``) -> ``(H,)`` tensor, or None for no decay."""
+    if decay is None:
+        return None
+    d = torch.as_tensor(decay, dtype=dtype, device=device).flatten()
+    if d.numel() == 1:
+        d = d.expand(heads)
+    return d
+
+
+def noncausal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``fq (fkᵀ v)``: ``(B, H, Nq, F), (B, H, Nk, F), (B, H, Nk, Dv) -> (B, H, Nq, Dv)``."""
+    return fq @ (fk.transpose(-1, -2) @ v)
+
+
+def causal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, decay: Optional[torch.Tensor] = None,
+                  chunk: int = DEFAULT_CHUNK, initial_state: Optional[torch.Tensor] = None,
+                  return_state: bool = False):
+    """Chunked causal linear attention (equal lengths ``Nq == Nk == N``).
+
+    ``decay``: ``(H,)`` per-head λ in (0, 1] or None. ``initial_state``: ``(B, H, F, Dv)``,
+    the state after the tokens before this call (position -1), decayed like any other
+    state. Returns ``out (B, H, N, Dv)`` and, with ``return_state``, the final state.
+    """
+    B, H, N, F = fq.shape
+    Dv = v.shape[-1]
+    C = max(1, min(int(chunk), N))
+    nc = -(-N // C)
+    pad = nc * C - N
+    if pad:
+        fq = torch.nn.functional.pad(fq, (0, 0, 0, pad))
+        fk = torch.nn.functional.pad(fk, (0, 0, 0, pad))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+    qc = fq.reshape(B, H, nc, C, F)
+    kc = fk.reshape(B, H, nc, C, F)
+    vc = v.reshape(B, H, nc, C, Dv)
+    idx = torch.arange(C, device=fq.device)
+    causal = idx.view(-1, 1) >= idx.view(1, -1)
+    if decay is None:
+        intra_mask = causal.to(fq.dtype)
+        q_in, k_out, chunk_decay = qc, kc, None
+    else:
+        log_l = torch.log(decay.to(fq.dtype)).view(1, H, 1, 1, 1)  # (1, H, 1, 1, 1)
+        diff = (idx.view(-1, 1) - idx.view(1, -1)).clamp(min=0).to(fq.dtype)
+        intra_mask = torch.exp(log_l * diff) * causal  # λ^(i-j), j <= i
+        q_in = qc * torch.exp(log_l * (idx + 1).to(fq.dtype).view(1, 1, 1, C, 1))  # λ^(i+1): state -> position i
+        k_out = kc * torch.exp(log_l * (C - 1 - idx).to(fq.dtype).view(1, 1, 1, C, 1))  # λ^(C-1-j): j -> chunk end
+        chunk_decay = torch.exp(log_l * C).view(1, H, 1, 1)  # λ^C: state of one chunk end -> the next
+    scores = (qc @ kc.transpose(-1, -2)) * intra_mask
+    out = scores @ vc  # (B, H, nc, C, Dv)
+    kv = k_out.transpose(-1, -2) @ vc  # (B, H, nc, F, Dv): each chunk's contribution at its end
+    state = initial_state if initial_state is not None else fq.new_zeros(B, H, F, Dv)
+    before = []
+    for c in range(nc):  # a scan over N / C chunk states (not over tokens)
+        before.append(state)
+        state = (state * chunk_decay if chunk_decay is not None else state) + kv[:, :, c]
+    if initial_state is None and nc > 0:
+        before[0] = None
+    inter = torch.stack([torch.zeros_like(kv[:, :, 0]) if s is None else s for s in before], dim=2)
+    out = out + q_in @ inter
+    out = out.reshape(B, H, nc * C, Dv)[:, :, :N]
+    if pad and return_state and decay is not None:
+        # the last chunk's keys were decayed to its padded end; redo it to the true end
+        r = C - pad
+        log_d = torch.log(decay.to(fq.dtype)).view(1, H, 1, 1)
+        last_before = before[-1] if before[-1] is not None else fq.new_zeros(B, H, F, Dv)
+        k_last = kc[:, :, -1, :r] * torch.exp(log_d * (r - 1 - idx[:r]).to(fq.dtype).view(1, 1, r, 1))
+        state = last_before * torch.exp(log_d * r) + k_last.transpose(-1, -2) @ vc[:, :, -1, :r]
+    return (out, state) if return_state else out
+
+
+def causal_aligned(fq, fk, v, *, decay=None, chunk=DEFAULT_CHUNK):
+    """Causal attention with lower-right alignment for ``Nq != Nk``: query ``i`` sees key
+    ``j`` iff ``j <= i + Nk - Nq``. Keys before the first query's position form an
+    initial state; queries before the first key see nothing (zeros)."""
+    Nq, Nk = fq.shape[2], fk.shape[2]
+    off = Nk - Nq
+    if off == 0:
+        return causal_linear(fq, fk, v, decay=decay, chunk=chunk)
+    if off > 0:
+        prefix = causal_linear(fq.new_zeros(fk[:, :, :off].shape), fk[:, :, :off], v[:, :, :off], decay=decay,
+                               chunk=chunk, return_state=True)[1]
+        return causal_linear(fq, fk[:, :, off:], v[:, :, off:], decay=decay, chunk=chunk, initial_state=prefix)
+    head = fq.new_zeros(fq.shape[0], fq.shape[1], -off, v.shape[-1])
+    return torch.cat([head, causal_linear(fq[:, :, -off:], fk, v, decay=decay, chunk=chunk)], dim=2)
+
+
+def with_ones(v: torch.Tensor) -> torch.Tensor:
+    """``v`` with a column of ones appended: the last output column is then the normaliser."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def split_normalizer(out: torch.Tensor, eps: float) -> torch.Tensor:
+    """``out[..., :-1] / out[..., -1:]`` (guarded by ``eps``): the normalised output."""
+    num, den = out[..., :-1], out[..., -1:]
+    return num / (den + eps)
