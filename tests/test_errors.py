@@ -12,6 +12,11 @@ from attnzoo import decoding
 METHODS = [s.name for s in az.methods()]
 
 
+def supported(method: str) -> dict:
+    """Keyword arguments for a pattern the method supports (self-attention)."""
+    return {"causal": "noncausal_self" not in az.get(method).patterns}
+
+
 def qkv(B=2, Hq=4, Hkv=2, Nq=5, Nk=5, D=8, Dv=8, dtype=torch.float32):
     return torch.randn(B, Hq, Nq, D, dtype=dtype), torch.randn(B, Hkv, Nk, D, dtype=dtype), torch.randn(B, Hkv, Nk, Dv, dtype=dtype)
 
@@ -57,13 +62,17 @@ def test_dtype_mix(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_mask_of_wrong_shape_or_dtype(method):
-    q, k, v = qkv(Nq=5, Nk=6)
-    with pytest.raises(az.AttentionInputError, match=r"mask of shape \(5, 5\) does not broadcast to \(B, Hq, Nq, Nk\) = \(2, 4, 5, 6\)"):
-        az.attention(q, k, v, method=method, mask=torch.ones(5, 5, dtype=torch.bool))
+    q, k, v = qkv(Nq=6, Nk=6)
+    kw = supported(method)
+    with pytest.raises(az.AttentionInputError, match=r"mask of shape \(5, 5\) does not broadcast to \(B, Hq, Nq, Nk\) = \(2, 4, 6, 6\)"):
+        az.attention(q, k, v, method=method, mask=torch.ones(5, 5, dtype=torch.bool), **kw)
     with pytest.raises(az.AttentionInputError, match="bool tensor.*float32"):
-        az.attention(q, k, v, method=method, mask=torch.ones(5, 6))
+        az.attention(q, k, v, method=method, mask=torch.ones(6, 6), **kw)
+    if not az.get(method).masks:
+        with pytest.raises(az.AttentionInputError, match="does not take a dense mask.*key_padding_mask"):
+            az.attention(q, k, v, method=method, mask=torch.ones(6, 6, dtype=torch.bool), **kw)
     with pytest.raises(az.AttentionInputError, match=r"key_padding_mask must have shape \(B, Nk\) = \(2, 6\), got \(2, 5\)"):
-        az.attention(q, k, v, method=method, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+        az.attention(q, k, v, method=method, key_padding_mask=torch.ones(2, 5, dtype=torch.bool), **kw)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -80,12 +89,13 @@ def test_empty_sequence(method):
 def test_nan_policy(method):
     q, k, v = qkv()
     k[0, 0, 1, 2] = float("nan")
+    kw = supported(method)
     with pytest.raises(az.AttentionInputError, match=r"k contains NaN or Inf \(1 of 160 values\).*nan_policy"):
-        az.attention(q, k, v, method=method)
-    out = az.attention(q, k, v, method=method, nan_policy="propagate")  # the user opted out of the check
+        az.attention(q, k, v, method=method, **kw)
+    out = az.attention(q, k, v, method=method, nan_policy="propagate", **kw)  # the user opted out of the check
     assert torch.isnan(out).any()
     with pytest.raises(az.AttentionInputError, match="nan_policy must be"):
-        az.attention(q, q, q, method=method, nan_policy="ignore")
+        az.attention(q, q, q, method=method, nan_policy="ignore", **kw)
 
 
 def test_misspelled_method_suggests_closest():

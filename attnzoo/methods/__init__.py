@@ -2,3 +2,5 @@
 
 from . import softmax  # noqa: F401  (first: other methods build on it)
 from . import clipped_softmax, selective, sigmoid  # noqa: F401
+from . import linear  # noqa: F401
+from . import lightning  # noqa: F401
