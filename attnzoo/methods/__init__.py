@@ -4,3 +4,4 @@ from . import softmax  # noqa: F401  (first: other methods build on it)
 from . import clipped_softmax, selective, sigmoid  # noqa: F401
 from . import linear  # noqa: F401
 from . import lightning  # noqa: F401
+from . import hedgehog  # noqa: F401

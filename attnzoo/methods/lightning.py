@@ -37,15 +37,15 @@ from ._common import compute_dtype, repeat_kv
 _MAPS = {"identity": lambda x: x, "silu": F.silu, "elu": lambda x: F.elu(x) + 1, "relu": F.relu}
 
 
-def decays(heads: int, decay=None, layer_ratio: float = 0.0, device=None) -> torch.Tensor:
+def decays(heads: int, decay=None, layer_ratio: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:
     """Per-head λ ``(H,)`` in (0, 1]."""
     if decay is not None:
-        d = torch.as_tensor(decay, dtype=torch.float32, device=device).flatten()
+        d = torch.as_tensor(decay, dtype=dtype, device=device).flatten()
         d = d.expand(heads) if d.numel() == 1 else d
         if d.numel() != heads or bool(((d <= 0) | (d > 1)).any()):
             raise AttentionInputError(f"decay must be one value or {heads} values in (0, 1], got {decay!r}")
         return d
-    h = torch.arange(heads, dtype=torch.float32, device=device)
+    h = torch.arange(heads, dtype=dtype, device=device)
     return torch.exp(-(8.0 * h / heads) * (1.0 - float(layer_ratio)))
 
 
@@ -61,7 +61,7 @@ def _prepare(q, k, v, key_padding_mask, feature_map, decay, layer_ratio):
     if key_padding_mask is not None:
         keep = key_padding_mask.view(k.shape[0], 1, -1, 1).to(ct)
         fk, vv = fk * keep, vv * keep
-    return fq, fk, vv, decays(Hq, decay, layer_ratio, q.device).to(ct)
+    return fq, fk, vv, decays(Hq, decay, layer_ratio, q.device, ct)
 
 
 def _norm(out, output_norm, eps):
