@@ -239,6 +239,13 @@ def check_inputs(
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if not isinstance(causal, bool):
         raise AttentionInputError(f"causal must be a bool, got {causal!r}")
+    if spec.query == "learned":
+        if Nq != 1:
+            raise AttentionInputError(
+                f"method {spec.name!r} attends with one learned query per head: q must have shape (B, Hq, 1, D), "
+                f"got {fmt_shape(q)}; it returns one output per key"
+            )
+        cross = False if cross is None else cross
     if cross is None:
         cross = Nq != Nk
     if not spec.supports_pattern(causal, cross):

@@ -97,7 +97,10 @@ def step(method: str, state, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     spec = registry.get(method)
     _require_decoding(spec)
     check_qkv(q, k, v, gqa=spec.gqa)
-    if q.shape[2] != k.shape[2]:
+    if spec.query == "learned":
+        if q.shape[2] != 1:
+            raise AttentionInputError(f"method {method!r} steps with its one learned query: q must be (B, Hq, 1, D), got {fmt_shape(q)}")
+    elif q.shape[2] != k.shape[2]:
         raise AttentionInputError(
             f"step takes as many new queries as new keys, got q {fmt_shape(q)} and k {fmt_shape(k)} (dim 2)"
         )

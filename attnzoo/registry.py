@@ -113,6 +113,9 @@ class MethodSpec:
         options: method options and their defaults, read from the reference's signature.
         test_options: options the contract tests use in addition to the defaults.
         fudge: tolerance factor of the three-way test rule.
+        query: ``"tokens"`` (one query per position, the usual) or ``"learned"``: the
+            method attends with one learned query per head, passed as ``q (B, Hq, 1, D)``,
+            and returns one output per key, ``(B, Hq, Nk, Dv)`` (e.g. Aaren).
     """
 
     name: str
@@ -139,6 +142,7 @@ class MethodSpec:
     options: dict = field(default_factory=dict)
     test_options: dict = field(default_factory=dict)
     fudge: float = 3.0
+    query: str = "tokens"
 
     def __post_init__(self) -> None:
         unknown = set(self.patterns) - set(PATTERNS)

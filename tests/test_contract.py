@@ -36,6 +36,8 @@ def test_fast_matches_reference(method, impl, pattern, case, dtype):
     spec = az.get(method)
     causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
     q, k, v, kpm, dout = make_inputs(case, pattern)
+    if spec.query == "learned":  # one learned query per head; outputs one row per key
+        q = q[:, :, :1]
     options = dict(spec.test_options)
     if case.q_heads != case.kv_heads and not spec.gqa:
         with pytest.raises(AttentionInputError, match="heads"):
@@ -85,12 +87,19 @@ def test_decoding_equals_causal_forward(method, dtype):
     q = torch.randn(B, Hq, N, D, generator=g, dtype=dtype)
     k = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
     v = torch.randn(B, Hkv, N, Dv, generator=g, dtype=dtype)
+    learned = spec.query == "learned"
+    if learned:
+        q = q[:, :, :1]
     full = az.attention(q, k, v, method=method, causal=True, **spec.test_options)
     state = decoding.init_state(method, B, Hkv, D, Dv, dtype=dtype, **spec.test_options)
-    outs = [decoding.step(method, state, q[:, :, :7], k[:, :, :7], v[:, :, :7], **spec.test_options)]
+
+    def queries(sl):
+        return q if learned else q[:, :, sl]
+
+    outs = [decoding.step(method, state, queries(slice(0, 7)), k[:, :, :7], v[:, :, :7], **spec.test_options)]
     for t in range(7, N):
         sl = slice(t, t + 1)
-        outs.append(decoding.step(method, state, q[:, :, sl], k[:, :, sl], v[:, :, sl], **spec.test_options))
+        outs.append(decoding.step(method, state, queries(sl), k[:, :, sl], v[:, :, sl], **spec.test_options))
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=tol, rtol=tol)
 
@@ -113,7 +122,8 @@ def test_every_unsupported_pattern_raises():
             if pattern in spec.patterns:
                 continue
             causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
-            q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7 if cross else 5, 8), torch.randn(1, 2, 7 if cross else 5, 8)
+            nq = 1 if spec.query == "learned" else 5
+            q, k, v = torch.randn(1, 2, nq, 8), torch.randn(1, 2, 7 if cross else 5, 8), torch.randn(1, 2, 7 if cross else 5, 8)
             with pytest.raises(UnsupportedPattern, match=spec.patterns[0]):
                 check_inputs(spec, q, k, v, causal=causal, cross=cross)
             checked += 1
@@ -136,14 +146,18 @@ def test_no_decoding_raises(monkeypatch):
 
 
 def _module_grid():
+    """Learnable methods x fast impls x (causal self, noncausal cross) where supported,
+    else the method's first pattern."""
     for spec in SPECS:
-        if spec.module is not None:
-            for impl in spec.impls:
-                yield pytest.param(spec.name, impl.name, id=f"{spec.name}-{impl.name}")
+        if spec.module is None:
+            continue
+        patterns = [p for p in ("causal_self", "noncausal_cross") if p in spec.patterns] or [spec.patterns[0]]
+        for impl in spec.impls:
+            for pattern in patterns:
+                yield pytest.param(spec.name, impl.name, pattern, id=f"{spec.name}-{impl.name}-{pattern}")
 
 
-@pytest.mark.parametrize("method,impl", list(_module_grid()))
-@pytest.mark.parametrize("pattern", ["causal_self", "noncausal_cross"])
+@pytest.mark.parametrize("method,impl,pattern", list(_module_grid()))
 def test_learnable_module_fast_matches_reference(method, impl, pattern):
     """Methods with parameters: fast vs reference in outputs and gradients of q, k, v
     *and the parameters*, by the three-way rule, with non-trivial parameter values."""

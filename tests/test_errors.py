@@ -64,13 +64,16 @@ def test_dtype_mix(method):
 def test_mask_of_wrong_shape_or_dtype(method):
     q, k, v = qkv(Nq=6, Nk=6)
     kw = supported(method)
-    with pytest.raises(az.AttentionInputError, match=r"mask of shape \(5, 5\) does not broadcast to \(B, Hq, Nq, Nk\) = \(2, 4, 6, 6\)"):
+    nq = 6
+    if az.get(method).query == "learned":  # one learned query, one output per key
+        q, nq = q[:, :, :1], 1
+    with pytest.raises(az.AttentionInputError, match=rf"mask of shape \(5, 5\) does not broadcast to \(B, Hq, Nq, Nk\) = \(2, 4, {nq}, 6\)"):
         az.attention(q, k, v, method=method, mask=torch.ones(5, 5, dtype=torch.bool), **kw)
     with pytest.raises(az.AttentionInputError, match="bool tensor.*float32"):
-        az.attention(q, k, v, method=method, mask=torch.ones(6, 6), **kw)
+        az.attention(q, k, v, method=method, mask=torch.ones(nq, 6), **kw)
     if not az.get(method).masks:
         with pytest.raises(az.AttentionInputError, match="does not take a dense mask.*key_padding_mask"):
-            az.attention(q, k, v, method=method, mask=torch.ones(6, 6, dtype=torch.bool), **kw)
+            az.attention(q, k, v, method=method, mask=torch.ones(nq, 6, dtype=torch.bool), **kw)
     with pytest.raises(az.AttentionInputError, match=r"key_padding_mask must have shape \(B, Nk\) = \(2, 6\), got \(2, 5\)"):
         az.attention(q, k, v, method=method, key_padding_mask=torch.ones(2, 5, dtype=torch.bool), **kw)
 
@@ -88,6 +91,8 @@ def test_empty_sequence(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_nan_policy(method):
     q, k, v = qkv()
+    if az.get(method).query == "learned":
+        q = q[:, :, :1]
     k[0, 0, 1, 2] = float("nan")
     kw = supported(method)
     with pytest.raises(az.AttentionInputError, match=r"k contains NaN or Inf \(1 of 160 values\).*nan_policy"):
@@ -95,7 +100,7 @@ def test_nan_policy(method):
     out = az.attention(q, k, v, method=method, nan_policy="propagate", **kw)  # the user opted out of the check
     assert torch.isnan(out).any()
     with pytest.raises(az.AttentionInputError, match="nan_policy must be"):
-        az.attention(q, q, q, method=method, nan_policy="ignore", **kw)
+        az.attention(q, k, v, method=method, nan_policy="ignore", **kw)
 
 
 def test_misspelled_method_suggests_closest():
@@ -130,6 +135,12 @@ def test_dropout_and_option_values():
         az.attention(q, k, v, method="clipped_softmax", gamma=0.5)
     with pytest.raises(az.AttentionInputError, match=r"query_temperature of shape \(3\) does not broadcast to \(2, 4, 5, 1\)"):
         az.attention(q, k, v, method="selective", query_temperature=torch.ones(3))
+
+
+def test_learned_query_method_needs_one_query():
+    q, k, v = qkv()
+    with pytest.raises(az.AttentionInputError, match=r"one learned query per head: q must have shape \(B, Hq, 1, D\), got \(2, 4, 5, 8\)"):
+        az.attention(q, k, v, method="aaren", causal=True)
 
 
 def test_decoding_inputs():

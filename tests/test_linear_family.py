@@ -176,3 +176,47 @@ def test_hedgehog_distillation_beats_elu_linear_attention():
     result = hedgehog.distill_hedgehog(q, k, steps=300)
     assert result["kl_after"] < result["kl_before"]
     assert result["kl_after"] < 0.5 * kl_elu, (result["kl_after"], kl_elu)
+
+
+def aaren_rnn(q, k, v, scale):
+    """Aaren as the paper's RNN: one (m, u, w) update per token."""
+    s = (k @ q.transpose(-1, -2)).squeeze(-1) * scale  # (B, H, N)
+    m = torch.full(s.shape[:2], float("-inf"), dtype=s.dtype)
+    u = torch.zeros(s.shape[:2], dtype=s.dtype)
+    w = torch.zeros(*s.shape[:2], v.shape[-1], dtype=s.dtype)
+    outs = []
+    for t in range(s.shape[-1]):
+        m_new = torch.maximum(m, s[..., t])
+        u = u * torch.exp(m - m_new) + torch.exp(s[..., t] - m_new)
+        w = w * torch.exp(m - m_new)[..., None] + torch.exp(s[..., t] - m_new)[..., None] * v[:, :, t]
+        m = m_new
+        outs.append(w / u[..., None])
+    return torch.stack(outs, dim=2)
+
+
+@pytest.mark.parametrize("impl,chunk", [("reference", None), ("scan", 1), ("scan", 8), ("scan", 64)])
+def test_aaren_equals_its_rnn(impl, chunk):
+    q, k, v = qkv(N=45)
+    q = q[:, :, :1] * 3  # sharp scores exercise the running max
+    expected = aaren_rnn(q, k * 1.0, v, 8 ** -0.5)
+    opts = {"chunk": chunk} if chunk else {}
+    torch.testing.assert_close(az.attention(q, k, v, method="aaren", causal=True, impl=impl, **opts), expected)
+
+
+def test_aaren_padding_and_module_in_a_layer():
+    q, k, v = qkv(N=20)
+    kpm = torch.ones(2, 20, dtype=torch.bool)
+    kpm[0, :3] = False  # the first outputs of sequence 0 see only padding: zeros, not NaN
+    for impl in ("reference", "scan"):
+        out = az.attention(q[:, :, :1], k, v, method="aaren", causal=True, key_padding_mask=kpm, impl=impl)
+        assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
+        keep = kpm[0]
+        torch.testing.assert_close(out[0:1, :, 3:], aaren_rnn(q[0:1, :, :1], k[0:1, :, keep], v[0:1, :, keep], 8 ** -0.5))
+    layer = az.Attention(dim=16, heads=2, method="aaren", causal=True).double()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    y = layer(x)
+    cache = layer.init_cache(2)
+    torch.testing.assert_close(torch.cat([layer.step(x[:, t:t + 1], cache) for t in range(12)], 1), y)
+    y.sum().backward()
+    assert layer.attn.query.grad is not None and layer.attn.query.grad.abs().sum() > 0
+    assert cache.state.nbytes() == 2 * 2 * (8 + 2) * 8  # (m, u, w) per head (Dv = 8): constant in N

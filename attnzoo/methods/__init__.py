@@ -5,3 +5,4 @@ from . import clipped_softmax, selective, sigmoid  # noqa: F401
 from . import linear  # noqa: F401
 from . import lightning  # noqa: F401
 from . import hedgehog  # noqa: F401
+from . import aaren  # noqa: F401
