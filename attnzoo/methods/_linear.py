@@ -77,21 +77,26 @@ def causal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, decay:
     scores = (qc @ kc.transpose(-1, -2)) * intra_mask
     out = scores @ vc  # (B, H, nc, C, Dv)
     kv = k_out.transpose(-1, -2) @ vc  # (B, H, nc, F, Dv): each chunk's contribution at its end
-    state = initial_state if initial_state is not None else fq.new_zeros(B, H, F, Dv)
-    before = []
-    for c in range(nc):  # a scan over N / C chunk states (not over tokens)
-        before.append(state)
-        state = (state * chunk_decay if chunk_decay is not None else state) + kv[:, :, c]
-    if initial_state is None and nc > 0:
-        before[0] = None
-    inter = torch.stack([torch.zeros_like(kv[:, :, 0]) if s is None else s for s in before], dim=2)
+    if chunk_decay is None:
+        # exclusive prefix sum over the N / C chunk states (not over tokens)
+        inter = torch.cumsum(kv, dim=2) - kv
+        if initial_state is not None:
+            inter = inter + initial_state.unsqueeze(2)
+        state = inter[:, :, -1] + kv[:, :, -1]
+    else:
+        state = initial_state if initial_state is not None else fq.new_zeros(B, H, F, Dv)
+        before = []
+        for c in range(nc):  # a scan over N / C chunk states (not over tokens)
+            before.append(state)
+            state = state * chunk_decay + kv[:, :, c]
+        inter = torch.stack(before, dim=2)
     out = out + q_in @ inter
     out = out.reshape(B, H, nc * C, Dv)[:, :, :N]
     if pad and return_state and decay is not None:
         # the last chunk's keys were decayed to its padded end; redo it to the true end
         r = C - pad
         log_d = torch.log(decay.to(fq.dtype)).view(1, H, 1, 1)
-        last_before = before[-1] if before[-1] is not None else fq.new_zeros(B, H, F, Dv)
+        last_before = before[-1]
         k_last = kc[:, :, -1, :r] * torch.exp(log_d * (r - 1 - idx[:r]).to(fq.dtype).view(1, 1, r, 1))
         state = last_before * torch.exp(log_d * r) + k_last.transpose(-1, -2) @ vc[:, :, -1, :r]
     return (out, state) if return_state else out
