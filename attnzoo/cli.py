@@ -97,10 +97,49 @@ def cmd_bench(args) -> int:
         for r in eff.run_sweep(cases, timeout=args.timeout, isolate=not args.no_isolate, progress=on_done,
                                memory_limit_mib=args.memory_limit):
             results.append(r)
+    console.print(results_table(results))
+    ok = all(r.status == "ok" for r in results)
+    if args.decode_positions:
+        ok &= _bench_decode(args, methods, console, out_file)
     if out_file:
         out_file.close()
-    console.print(results_table(results))
-    return 0 if all(r.status == "ok" for r in results) else 1
+    return 0 if ok else 1
+
+
+def _bench_decode(args, methods, console, out_file) -> bool:
+    """Per-token decode step time at each position (constant-state methods stay flat)."""
+    from .bench import efficiency as eff
+
+    positions = [int(x) for x in args.decode_positions.split(",") if x]
+    names = []
+    for name, _ in methods:
+        if name != eff.BASELINE and registry.get(name).decoding and name not in names:
+            names.append(name)
+    table = Table(title="decoding: median time of one step (one new token) after a prefill of N tokens")
+    for c in ("method", "state", *[f"N={p} ms" for p in positions], f"N={positions[-1]} / N={positions[0]}"):
+        table.add_column(c, justify="left" if c in ("method", "state") else "right")
+    ok = True
+    for name in names:
+        cells, first, last = [], None, None
+        for p in positions:
+            res = eff.run_decode(eff.DecodeCase(name, p, dtype=args.dtype, batch=args.batch, heads=args.heads,
+                                                kv_heads=args.kv_heads, head_dim=args.head_dim), timeout=args.timeout)
+            if out_file:
+                rec = {k: v for k, v in res.items() if k != "case"}
+                out_file.write(json.dumps({"kind": "decode", "method": name, "position": p, **rec,
+                                           **eff.machine_info()}) + "\n")
+            if res["status"] != "ok":
+                ok = False
+                cells.append(res["status"].upper())
+                continue
+            first = res["median_s"] if first is None else first
+            last = res["median_s"]
+            cells.append(_fmt_ms(res["median_s"]).replace(",", "") if res["median_s"] >= 1e-3
+                         else f"{res['median_s'] * 1e3:.3f}")
+        ratio = f"{last / first:.2f}x" if first and last else "-"
+        table.add_row(name, registry.get(name).state_size or "", *cells, ratio)
+    console.print(table)
+    return ok
 
 
 def results_table(results) -> Table:
@@ -151,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-limit", type=float, default=None, help="MiB of address space per case (RLIMIT_AS)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     b.add_argument("--out", default=None, help="append one JSON record per case to this file")
+    b.add_argument("--decode-positions", default="", help="also time one decode step after prefills of these "
+                   "lengths, e.g. 512,16384 (methods with decoding)")
     b.add_argument("--no-isolate", action="store_true", help="run cases in this process (memory figures are then "
                    "not per case)")
     b.set_defaults(func=cmd_bench)

@@ -128,10 +128,11 @@ def _runner(case: BenchCase):
         return attention(q, k, v, method=case.method, causal=causal, cross=cross, impl=case.impl,
                          nan_policy="propagate", **options)
 
+    if module is not None:
+        return call, case.impl
     q, k, v = make_inputs(BenchCase(**{**asdict(case), "seq_len": 2}), False)
     info = check_inputs(spec, q, k, v, causal=causal, cross=cross, options=options)
-    used = select_impl(spec, case.impl, info).name if module is None else case.impl
-    return call, used
+    return call, select_impl(spec, case.impl, info).name
 
 
 def measure(case: BenchCase) -> dict:
@@ -238,3 +239,63 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """Per-token ``step`` time after a prefill of ``position`` tokens."""
+
+    method: str
+    position: int
+    dtype: str = "float32"
+    batch: int = 1
+    heads: int = 8
+    kv_heads: Optional[int] = None
+    head_dim: int = 64
+    steps: int = 32
+    options: tuple = ()
+
+
+def measure_decode(case: DecodeCase) -> dict:
+    """Prefill ``position`` tokens in one chunked step, then time single-token steps."""
+    from .. import decoding
+
+    torch.manual_seed(0)
+    spec = registry.get(case.method)
+    dtype = DTYPES[case.dtype]
+    hkv = case.kv_heads or case.heads
+    B, D = case.batch, case.head_dim
+    options = dict(case.options)
+    g = torch.Generator().manual_seed(0)
+    total = case.position + case.steps + 1
+    q = torch.randn(B, case.heads, total, D, generator=g).to(dtype)
+    k = torch.randn(B, hkv, total, D, generator=g).to(dtype)
+    v = torch.randn(B, hkv, total, D, generator=g).to(dtype)
+    learned = spec.query == "learned"
+
+    def queries(a, b):
+        return q[:, :, :1] if learned else q[:, :, a:b]
+
+    with torch.no_grad():
+        state = decoding.init_state(case.method, B, hkv, D, D, dtype=dtype, max_len=total, **options)
+        decoding.step(case.method, state, queries(0, case.position), k[:, :, : case.position],
+                      v[:, :, : case.position], **options)
+        reset_peak_rss()
+        base = rss_mib()
+        times = []
+        for t in range(case.position, case.position + case.steps + 1):
+            t0 = time.perf_counter()
+            decoding.step(case.method, state, queries(t, t + 1), k[:, :, t:t + 1], v[:, :, t:t + 1], **options)
+            times.append(time.perf_counter() - t0)
+    nbytes = state.nbytes() if hasattr(state, "nbytes") else None
+    return {"times_s": times[1:], "peak_mib": max(0.0, peak_rss_mib() - base), "state_bytes": nbytes}
+
+
+def run_decode(case: DecodeCase, timeout: float = 600.0) -> dict:
+    status, value = run_isolated(measure_decode, (case,), timeout)
+    if status != "ok":
+        return {"case": case, "status": status, "error": str(value)}
+    return {"case": case, "status": "ok", "median_s": statistics.median(value["times_s"]), **value}
