@@ -100,3 +100,19 @@ def test_scaling_exponent_on_synthetic_timings():
     assert eff.scaling_exponent(ns, [n**2 * 1e-9 for n in ns]) == pytest.approx(2.0)
     assert eff.scaling_exponent(ns, [n * 3e-6 for n in ns]) == pytest.approx(1.0)
     assert eff.scaling_exponent([1024], [1.0]) is None
+
+
+def test_bench_decode_positions(tmp_path, capsys):
+    out = tmp_path / "d.jsonl"
+    code = cli.main(["bench", "--methods", "linear,aaren,softmax", "--lengths", "32", "--modes", "fwd", "--heads", "2",
+                     "--head-dim", "16", "--repeats", "1", "--decode-positions", "16,64", "--out", str(out)])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    decode = [r for r in records if r.get("kind") == "decode"]
+    assert {(r["method"], r["position"]) for r in decode} == {(m, p) for m in ("linear", "aaren", "softmax")
+                                                            for p in (16, 64)}
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in decode)
+    state = {(r["method"], r["position"]): r["state_bytes"] for r in decode}
+    assert state[("linear", 16)] == state[("linear", 64)]  # constant-size state
+    assert state[("softmax", 64)] > state[("softmax", 16)]  # a KV cache grows
+    assert "decoding" in capsys.readouterr().out
