@@ -6,3 +6,5 @@ from . import linear  # noqa: F401
 from . import lightning  # noqa: F401
 from . import hedgehog  # noqa: F401
 from . import aaren  # noqa: F401
+from . import inline  # noqa: F401
+from . import softmax_free  # noqa: F401
