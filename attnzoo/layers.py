@@ -175,6 +175,12 @@ class Attention(nn.Module):
                     "step() decodes noncausal cross-attention only: with causal=True the alignment of a new "
                     "query to the memory depends on the final query length; run the full forward instead"
                 )
+            if not self.spec.rows_independent:
+                raise UnsupportedPattern(
+                    f"method {self.method!r} computes each output row from all the queries together "
+                    "(its spec has rows_independent=False), so cross-attention cannot be decoded one query "
+                    "at a time; run the full forward instead"
+                )
             self._check_x(context, "context", self.to_k.in_features)
             cache.context_k, cache.context_v = self._keys_values(context, None)
             cache.context_padding_mask = context_padding_mask

@@ -113,6 +113,10 @@ class MethodSpec:
         options: method options and their defaults, read from the reference's signature.
         test_options: options the contract tests use in addition to the defaults.
         fudge: tolerance factor of the three-way test rule.
+        rows_independent: each output row depends only on its own query and the keys
+            (softmax and most methods). False when the queries are pooled or normalised
+            together (Agent's agents, Flowformer's flows): such a method cannot decode
+            cross-attention one query at a time.
         query: ``"tokens"`` (one query per position, the usual) or ``"learned"``: the
             method attends with one learned query per head, passed as ``q (B, Hq, 1, D)``,
             and returns one output per key, ``(B, Hq, Nk, Dv)`` (e.g. Aaren).
@@ -143,6 +147,7 @@ class MethodSpec:
     test_options: dict = field(default_factory=dict)
     fudge: float = 3.0
     query: str = "tokens"
+    rows_independent: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.patterns) - set(PATTERNS)

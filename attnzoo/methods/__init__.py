@@ -8,3 +8,5 @@ from . import hedgehog  # noqa: F401
 from . import aaren  # noqa: F401
 from . import inline  # noqa: F401
 from . import softmax_free  # noqa: F401
+from . import flow  # noqa: F401
+from . import agent  # noqa: F401

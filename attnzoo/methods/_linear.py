@@ -79,10 +79,13 @@ def causal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, decay:
     kv = k_out.transpose(-1, -2) @ vc  # (B, H, nc, F, Dv): each chunk's contribution at its end
     if chunk_decay is None:
         # exclusive prefix sum over the N / C chunk states (not over tokens)
-        inter = torch.cumsum(kv, dim=2) - kv
+        # (shifted, not cumsum - kv: that subtraction would cancel digits)
+        total = torch.cumsum(kv, dim=2)
+        inter = torch.cat([torch.zeros_like(total[:, :, :1]), total[:, :, :-1]], dim=2)
+        state = total[:, :, -1]
         if initial_state is not None:
             inter = inter + initial_state.unsqueeze(2)
-        state = inter[:, :, -1] + kv[:, :, -1]
+            state = state + initial_state
     else:
         state = initial_state if initial_state is not None else fq.new_zeros(B, H, F, Dv)
         before = []
