@@ -7,7 +7,6 @@ import math
 from typing import Callable, Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..masks import dense_mask
 
@@ -166,23 +165,62 @@ def rows_per_chunk(batch: int, heads: int, kv_len: int, block_q: Optional[int]) 
     return max(16, min(1024, BLOCK_ELEMENTS // max(1, batch * heads * kv_len)))
 
 
+class _ChunkedRows(torch.autograd.Function):
+    """Forward over query-row chunks without keeping any graph; the backward recomputes
+    one chunk at a time and accumulates its q/k/v gradients into preallocated buffers.
+
+    (Slicing the inputs under plain autograd or checkpointing would make every chunk's
+    backward allocate and add a zero gradient the size of the whole of q, k and v:
+    O(N) work per chunk, O(N²)+ in all.)"""
+
+    @staticmethod
+    def forward(ctx, row_fn, plan, q, k, v):
+        with torch.no_grad():
+            outs = [row_fn(q[:, :, qs:qe], k[:, :, :end], v[:, :, :end], qs, qe) for qs, qe, end in plan]
+        ctx.save_for_backward(q, k, v)
+        ctx.row_fn, ctx.plan = row_fn, plan
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        acc = compute_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for qs, qe, end in ctx.plan:
+            with torch.enable_grad():
+                qb = q[:, :, qs:qe].detach().requires_grad_(True)
+                kb = k[:, :, :end].detach().requires_grad_(True)
+                vb = v[:, :, :end].detach().requires_grad_(True)
+                out = ctx.row_fn(qb, kb, vb, qs, qe)
+                gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), dout[:, :, qs:qe], allow_unused=True)
+            for buf, g, sl in ((dq, gq, slice(qs, qe)), (dk, gk, slice(0, end)), (dv, gv, slice(0, end))):
+                if g is not None:
+                    buf[:, :, sl] += g
+        grads = [g.to(t.dtype) if need else None
+                 for g, t, need in zip((dq, dk, dv), (q, k, v), ctx.needs_input_grad[2:])]
+        return (None, None, *grads)
+
+
 def chunked_rows(
     row_fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masker: Masker, block_q: Optional[int] = None
 ) -> torch.Tensor:
     """Run ``row_fn(q_chunk, k, v, qs, qe)`` over chunks of query rows and concatenate.
 
     Each chunk sees all the keys it may attend to (``k[:, :, :key_end]``), so any
-    row-wise maths (a normalisation, a clip) stays exact. Under autograd each
-    chunk is checkpointed: only its inputs are kept and its ``rows x Nk`` scores are
-    recomputed in the backward pass, so memory is O(rows * Nk), never O(Nq * Nk).
+    row-wise maths (a normalisation, a clip) stays exact. ``row_fn`` must be
+    differentiable in its three tensors only (no parameters of its own). Under autograd
+    only q, k, v are kept and each chunk's ``rows x Nk`` scores are recomputed in the
+    backward pass, so memory is O(rows * Nk), never O(Nq * Nk).
     """
     B, H, Nq, _ = q.shape
     rows = rows_per_chunk(B, H, k.shape[2], block_q)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    outs = []
+    plan = []
     for qs in range(0, Nq, rows):
         qe = min(Nq, qs + rows)
-        end = max(1, masker.key_end(qs, qe))  # at least one key, fully masked rows give zeros
-        args = (q[:, :, qs:qe], k[:, :, :end], v[:, :, :end], qs, qe)
-        outs.append(checkpoint(row_fn, *args, use_reentrant=False) if grad else row_fn(*args))
+        plan.append((qs, qe, max(1, masker.key_end(qs, qe))))  # >= 1 key: fully masked rows give zeros
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _ChunkedRows.apply(row_fn, plan, q, k, v)
+    outs = [row_fn(q[:, :, qs:qe], k[:, :, :end], v[:, :, :end], qs, qe) for qs, qe, end in plan]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -89,9 +89,12 @@ def causal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, decay:
     else:
         state = initial_state if initial_state is not None else fq.new_zeros(B, H, F, Dv)
         before = []
-        for c in range(nc):  # a scan over N / C chunk states (not over tokens)
+        # a scan over the N / C chunk states (not over tokens); unbind once, because
+        # indexing kv[:, :, c] in the loop would make autograd build a full-size zero
+        # gradient per chunk (quadratic in N)
+        for kv_c in kv.unbind(dim=2):
             before.append(state)
-            state = state * chunk_decay + kv[:, :, c]
+            state = state * chunk_decay + kv_c
         inter = torch.stack(before, dim=2)
     out = out + q_in @ inter
     out = out.reshape(B, H, nc * C, Dv)[:, :, :N]

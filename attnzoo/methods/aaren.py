@@ -92,14 +92,16 @@ def _scan(s, vv, chunk: int, state: Optional[AarenState] = None):
     u_prev = s.new_zeros(B, H) if state is None or state.u is None else state.u
     w_prev = s.new_zeros(B, H, Dv) if state is None or state.w is None else state.w
     prev = []
-    for c in range(nc):
+    # unbind once: indexing inside the loop would give autograd a full-size zero gradient per chunk
+    for m_c, den_c, num_c in zip(m_end.unbind(2), den_end.unbind(2), num_end.unbind(2)):
         prev.append((m_prev, u_prev, w_prev))
-        m_new = torch.maximum(m_prev, m_end[:, :, c])
+        m_new = torch.maximum(m_prev, m_c)
         ms = m_new.masked_fill(torch.isinf(m_new), 0.0)
-        a, b = torch.exp(m_prev - ms), torch.exp(m_end[:, :, c].masked_fill(torch.isinf(m_end[:, :, c]), 0.0) - ms)
-        b = b.masked_fill(torch.isinf(m_end[:, :, c]), 0.0)
-        u_prev = u_prev * a + den_end[:, :, c] * b
-        w_prev = w_prev * a.unsqueeze(-1) + num_end[:, :, c] * b.unsqueeze(-1)
+        empty = torch.isinf(m_c)
+        a = torch.exp(m_prev - ms)
+        b = torch.exp(m_c.masked_fill(empty, 0.0) - ms).masked_fill(empty, 0.0)
+        u_prev = u_prev * a + den_c * b
+        w_prev = w_prev * a.unsqueeze(-1) + num_c * b.unsqueeze(-1)
         m_prev = m_new
     mp = torch.stack([p[0] for p in prev], dim=2).unsqueeze(-1)  # (B, H, nc, 1)
     up = torch.stack([p[1] for p in prev], dim=2).unsqueeze(-1)
