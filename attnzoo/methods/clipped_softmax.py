@@ -72,7 +72,7 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
 def chunked_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
                       return_weights=False, zeta: float = 1.0, gamma: Optional[float] = None, alpha: float = 4.0,
                       block_q: Optional[int] = None):
-    """Query rows in checkpointed chunks (each chunk holds whole rows, so the softmax
+    """Query rows in chunks recomputed in the backward (each chunk holds whole rows, so the softmax
     and the clip stay exact): O(N · block) memory, autograd works."""
     _check(zeta, gamma)
     B, Hq, Nq, D = q.shape
@@ -113,7 +113,7 @@ register(
         paper="Quantizable Transformers: Removing Outliers by Helping Attention Heads Do Nothing",
         reference=reference,
         impls=[Impl("chunked", chunked_attention, mask_mod=True,
-                    description="checkpointed query-row chunks, O(N·block) memory")],
+                    description="query-row chunks recomputed in the backward, O(N·block) memory")],
         exact=False,
         time="O(N^2 D)",
         memory="O(N·block) chunked, O(N^2) reference",

@@ -59,7 +59,7 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
 
 def chunked_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
                       return_weights=False, bias: Optional[float] = None, block_q: Optional[int] = None):
-    """Query rows in chunks, each checkpointed: O(N · block) memory, autograd works,
+    """Query rows in chunks, recomputed in the backward: O(N · block) memory, autograd works,
     keys past the causal frontier never touched. GQA without copying K/V."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -100,7 +100,7 @@ register(
         paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
         reference=reference,
         impls=[Impl("chunked", chunked_attention, mask_mod=True,
-                    description="checkpointed query-row chunks, O(N·block) memory")],
+                    description="query-row chunks recomputed in the backward, O(N·block) memory")],
         exact=False,
         time="O(N^2 D)",
         memory="O(N·block) chunked, O(N^2) reference",
