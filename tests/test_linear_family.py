@@ -220,3 +220,21 @@ def test_aaren_padding_and_module_in_a_layer():
     y.sum().backward()
     assert layer.attn.query.grad is not None and layer.attn.query.grad.abs().sum() > 0
     assert cache.state.nbytes() == 2 * 2 * (8 + 2) * 8  # (m, u, w) per head (Dv = 8): constant in N
+
+
+def test_long_sequences_run_in_segments_with_the_same_result(monkeypatch):
+    """Segmenting the causal scan (to keep temporaries small) changes nothing, grads included."""
+    from attnzoo.methods import _linear
+
+    q, k, v = (t.requires_grad_(True) for t in qkv(N=90))
+    lam = torch.tensor([1.0, 0.9], dtype=torch.float64)
+
+    def run():
+        out = az.attention(q, k, v, method="lightning", causal=True, decay=lam, chunk=8)
+        return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
+
+    whole = run()
+    monkeypatch.setattr(_linear, "SEGMENT_ELEMENTS", 2 * 2 * 8 * 3)  # 24-token segments
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(whole[0], recurrent(q.detach(), k.detach(), v.detach(), decay=lam, normalize=False))

@@ -41,6 +41,12 @@ def noncausal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> tor
     return fq @ (fk.transpose(-1, -2) @ v)
 
 
+#: Largest intermediate (elements) one segment of the causal scan may create: 4 Mi
+#: float32 = 16 MiB, under glibc's 32 MiB mmap threshold, so long sequences reuse heap
+#: buffers instead of paying first-touch page faults on fresh mappings every time.
+SEGMENT_ELEMENTS = 1 << 22
+
+
 def causal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, decay: Optional[torch.Tensor] = None,
                   chunk: int = DEFAULT_CHUNK, initial_state: Optional[torch.Tensor] = None,
                   return_state: bool = False):
@@ -49,7 +55,28 @@ def causal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, decay:
     ``decay``: ``(H,)`` per-head λ in (0, 1] or None. ``initial_state``: ``(B, H, F, Dv)``,
     the state after the tokens before this call (position -1), decayed like any other
     state. Returns ``out (B, H, N, Dv)`` and, with ``return_state``, the final state.
+
+    Long sequences run as consecutive segments (whole chunks, the state carried from one
+    to the next) so no intermediate exceeds :data:`SEGMENT_ELEMENTS`.
     """
+    B, H, N, F = fq.shape
+    C = max(1, min(int(chunk), N))
+    width = max(C, F, v.shape[-1])
+    seg = max(C, (SEGMENT_ELEMENTS // max(1, B * H * width)) // C * C)
+    if N <= seg:
+        return _causal_segment(fq, fk, v, decay=decay, chunk=C, initial_state=initial_state,
+                               return_state=return_state)
+    outs, state = [], initial_state
+    # split (not index) so autograd concatenates the segment gradients once
+    for q_s, k_s, v_s in zip(fq.split(seg, dim=2), fk.split(seg, dim=2), v.split(seg, dim=2)):
+        out, state = _causal_segment(q_s, k_s, v_s, decay=decay, chunk=C, initial_state=state, return_state=True)
+        outs.append(out)
+    out = torch.cat(outs, dim=2)
+    return (out, state) if return_state else out
+
+
+def _causal_segment(fq, fk, v, *, decay, chunk, initial_state, return_state):
+    """One segment of :func:`causal_linear` (all its chunks at once)."""
     B, H, N, F = fq.shape
     Dv = v.shape[-1]
     C = max(1, min(int(chunk), N))
