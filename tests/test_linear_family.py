@@ -238,3 +238,27 @@ def test_long_sequences_run_in_segments_with_the_same_result(monkeypatch):
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(whole[0], recurrent(q.detach(), k.detach(), v.detach(), decay=lam, normalize=False))
+
+
+@pytest.mark.parametrize("method,opts", [("linear", {}), ("linear", {"feature_map": "cosformer"}),
+                                         ("linear", {"normalize": False}), ("lightning", {})])
+def test_segmented_pipeline_equals_whole(monkeypatch, method, opts):
+    """Feature maps and the scan run segment by segment for long causal inputs: same
+    outputs and gradients as one segment (positions for cosFormer carried across)."""
+    from attnzoo.methods import _linear
+
+    q, k, v = (t.requires_grad_(True) for t in qkv(N=90))
+    kpm = torch.ones(2, 90, dtype=torch.bool)
+    kpm[1, 30:45] = False
+
+    def run():
+        out = az.attention(q, k, v, method=method, causal=True, key_padding_mask=kpm, impl="chunk", chunk=8, **opts)
+        return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
+
+    whole = run()
+    monkeypatch.setattr(_linear, "SEGMENT_ELEMENTS", 2 * 2 * 8 * 24)
+    assert _linear.segment_length(2, 2, 8, 8) == 24  # 90 tokens: segments of 24, 24, 24, 18
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b)
+    ref = az.attention(q, k, v, method=method, causal=True, key_padding_mask=kpm, impl="reference", **opts)
+    torch.testing.assert_close(whole[0], ref)

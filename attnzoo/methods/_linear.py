@@ -47,6 +47,27 @@ def noncausal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> tor
 SEGMENT_ELEMENTS = 1 << 22
 
 
+def segment_length(batch: int, heads: int, width: int, chunk: int = DEFAULT_CHUNK) -> int:
+    """Tokens per segment so that a ``(B, H, tokens, width)`` intermediate stays under
+    :data:`SEGMENT_ELEMENTS` (a whole number of chunks)."""
+    return max(chunk, (SEGMENT_ELEMENTS // max(1, batch * heads * width)) // chunk * chunk)
+
+
+def causal_segments(q, k, v, key_padding_mask, run_segment, chunk: int = DEFAULT_CHUNK):
+    """Causal self-attention over consecutive segments of the *inputs*, so that feature
+    maps, head repeats and casts also work on small tensors; ``run_segment(q_s, k_s, v_s,
+    kpm_s, offset, state) -> (out_s, state)`` carries the recurrent state across. The
+    inputs are split (not indexed), so autograd concatenates their gradients once."""
+    B, Hq, N, D = q.shape
+    seg = segment_length(B, Hq, max(D, v.shape[-1], chunk), chunk)
+    kpms = key_padding_mask.split(seg, dim=1) if key_padding_mask is not None else [None] * (-(-N // seg))
+    outs, state = [], None
+    for i, (q_s, k_s, v_s, m_s) in enumerate(zip(q.split(seg, 2), k.split(seg, 2), v.split(seg, 2), kpms)):
+        out, state = run_segment(q_s, k_s, v_s, m_s, i * seg, state)
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 def causal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, decay: Optional[torch.Tensor] = None,
                   chunk: int = DEFAULT_CHUNK, initial_state: Optional[torch.Tensor] = None,
                   return_state: bool = False):
@@ -61,8 +82,7 @@ def causal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, decay:
     """
     B, H, N, F = fq.shape
     C = max(1, min(int(chunk), N))
-    width = max(C, F, v.shape[-1])
-    seg = max(C, (SEGMENT_ELEMENTS // max(1, B * H * width)) // C * C)
+    seg = segment_length(B, H, max(C, F, v.shape[-1]), C)
     if N <= seg:
         return _causal_segment(fq, fk, v, decay=decay, chunk=C, initial_state=initial_state,
                                return_state=return_state)

@@ -90,6 +90,15 @@ def chunk_attention(q, k, v, *, causal=True, mask=None, key_padding_mask=None, s
                     return_weights=False, decay=None, layer_ratio=0.0, feature_map="identity", output_norm=True,
                     eps=1e-6, chunk: int = _linear.DEFAULT_CHUNK):
     """Lightning's intra-block / inter-block computation (``chunk`` tokens per block)."""
+    if q.shape[2] == k.shape[2]:  # self-attention: segment by segment, state carried
+
+        def run_segment(q_s, k_s, v_s, kpm_s, offset, state):
+            fq, fk, vv, lam = _prepare(q_s, k_s, v_s, kpm_s, feature_map, decay, layer_ratio)
+            out, state = _linear.causal_linear(fq, fk, vv, decay=lam, chunk=chunk, initial_state=state,
+                                               return_state=True)
+            return _norm(out, output_norm, eps).to(q.dtype), state
+
+        return _linear.causal_segments(q, k, v, key_padding_mask, run_segment, chunk)
     fq, fk, vv, lam = _prepare(q, k, v, key_padding_mask, feature_map, decay, layer_ratio)
     out = _linear.causal_aligned(fq, fk, vv, decay=lam, chunk=chunk)
     return _norm(out, output_norm, eps).to(q.dtype)

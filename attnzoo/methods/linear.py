@@ -152,6 +152,21 @@ def chunk_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     opts = dict(feature_map=feature_map, normalize=normalize, cosformer_len=cosformer_len,
                 favor_features=favor_features, favor_seed=favor_seed)
+    if causal and q.shape[2] == k.shape[2]:
+        # self-attention: whole pipeline segment by segment (small temporaries, state carried)
+        opts["cosformer_len"] = cosformer_len or q.shape[2]
+
+        def run_segment(q_s, k_s, v_s, kpm_s, offset, state):
+            fq, fk = _features(q_s, k_s, kpm_s, True, scale, {**opts, "position_offset": offset})
+            vv = repeat_kv(v_s, q_s.shape[1]).to(fq.dtype)
+            if kpm_s is not None:
+                vv = vv * kpm_s.view(v_s.shape[0], 1, -1, 1).to(vv.dtype)
+            if normalize:
+                vv = _linear.with_ones(vv)
+            out, state = _linear.causal_linear(fq, fk, vv, chunk=chunk, initial_state=state, return_state=True)
+            return _finish(out, normalize, eps).to(q.dtype), state
+
+        return _linear.causal_segments(q, k, v, key_padding_mask, run_segment, chunk)
     fq, fk = _features(q, k, key_padding_mask, causal, scale, opts)
     vv = repeat_kv(v, q.shape[1]).to(fq.dtype)
     if key_padding_mask is not None:
