@@ -16,7 +16,8 @@ from . import registry
 LIST_COLUMNS = ["method", "family", "patterns", "exact", "time", "memory", "impls", "learnable", "masks", "gqa",
                 "decoding", "paper"]
 
-DEFAULT_BENCH_METHODS = "softmax:sdpa,softmax:tiled,sigmoid,clipped_softmax,selective"
+#: ``--methods all``: every registered method (its auto impl) and softmax's tiled path.
+DEFAULT_BENCH_METHODS = "all"
 
 
 def methods_markdown() -> str:
@@ -61,7 +62,10 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = eff.parse_methods(args.methods)
+    spec = args.methods
+    if spec == "all":
+        spec = ",".join(["softmax:sdpa", "softmax:tiled"] + [s.name for s in registry.methods() if s.name != "softmax"])
+    methods = eff.parse_methods(spec)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
@@ -177,9 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time forward / forward+backward against torch SDPA")
     b.add_argument("--methods", default=DEFAULT_BENCH_METHODS,
                    help="comma-separated method or method:impl (default: %(default)s)")
-    b.add_argument("--lengths", default="512,1024,2048,4096", help="sequence lengths (default: %(default)s)")
+    b.add_argument("--lengths", default="1024,4096", help="sequence lengths (default: %(default)s)")
     b.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd (default: %(default)s)")
-    b.add_argument("--patterns", default="causal_self", help=f"any of {', '.join(registry.PATTERNS)}")
+    b.add_argument("--patterns", default="causal_self,noncausal_self",
+                   help=f"any of {', '.join(registry.PATTERNS)} (default: %(default)s)")
     b.add_argument("--dtype", default="float32")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--heads", type=int, default=8)
