@@ -307,3 +307,154 @@ def _take_ids(ids: torch.Tensor, b, idx):
         return ids[idx]
     return ids[b, idx]
 
+
+
+def neighborhood_mask(kernel_size, dilation=1, grid=None, causal: bool = False, length: Optional[int] = None) -> MaskMod:
+    """Neighborhood attention (NATTEN; "Neighborhood Attention Transformer",
+    "Dilated Neighborhood Attention Transformer"), 1-D or 2-D, with dilation.
+
+    Dilation ``d`` splits the positions of an axis into ``d`` sub-sequences (same index
+    modulo ``d``); a query attends only within its own sub-sequence, to the
+    ``kernel_size`` positions nearest to it there. At the borders the window *shifts*
+    instead of being cropped, so every query sees exactly ``kernel_size`` keys per axis:
+    on a sub-sequence of length ``L`` the query at sub-position ``p`` sees sub-positions
+    ``[s, s + k)`` with ``s = clamp(p - k // 2, 0, L - k)``.
+
+    * 1-D noncausal: give ``length`` (N), needed for the border shift.
+    * 1-D ``causal=True``: query ``i`` sees ``j = i, i - d, ..., i - (k - 1)·d`` (those
+      ``>= 0``; fewer at the very start, no shifting forward). ``length`` is not needed.
+    * 2-D: ``grid=(H, W)``, tokens in row-major order, the rule above on each axis;
+      ``kernel_size`` and ``dilation`` may be ints or ``(rows, cols)`` pairs. Noncausal only.
+
+    A window longer than its axis (``kernel_size > N``, e.g. the defaults on a short
+    sequence) is clamped to the axis: every query then sees the whole axis. With
+    dilation, every sub-sequence must hold a full window (``N // d >= kernel_size``),
+    otherwise this raises. The returned function carries the resolved parameters as
+    attributes ``kernel`` (per axis, clamped), ``dilation`` (per axis), ``grid``,
+    ``causal`` and ``length``.
+    """
+
+    def as_pair(name, value, dims):
+        vals = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+        if len(vals) != dims or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in vals):
+            shape = "a positive int" if dims == 1 else "a positive int or a pair of positive ints (rows, cols)"
+            raise AttentionInputError(f"neighborhood: {name} must be {shape}, got {value!r}")
+        return vals
+
+    if grid is not None:
+        try:
+            gh, gw = (int(x) for x in grid)
+        except (TypeError, ValueError):
+            raise AttentionInputError(f"neighborhood: grid must be a pair of ints (H, W), got {grid!r}") from None
+        if gh < 1 or gw < 1:
+            raise AttentionInputError(f"neighborhood: grid must be positive, got {grid!r}")
+        if causal:
+            raise AttentionInputError(
+                f"neighborhood attention on a 2-D grid (grid={grid!r}) has no causal form; "
+                "use causal=False, or a 1-D sequence (grid=None) for causal neighborhood attention"
+            )
+        if length is not None and int(length) != gh * gw:
+            raise AttentionInputError(
+                f"neighborhood: grid={grid!r} has {gh * gw} cells but the sequence has length {length}; "
+                "tokens must be the H·W grid cells in row-major order"
+            )
+        axes = ((gh, "rows (H)"), (gw, "cols (W)"))
+        kernels, dils = as_pair("kernel_size", kernel_size, 2), as_pair("dilation", dilation, 2)
+    else:
+        kernels, dils = as_pair("kernel_size", kernel_size, 1), as_pair("dilation", dilation, 1)
+        if causal:
+            axes = None
+        else:
+            if length is None:
+                raise AttentionInputError(
+                    "neighborhood_mask: 1-D noncausal neighborhood attention needs length=N (the border windows shift)"
+                )
+            if int(length) < 1:
+                raise AttentionInputError(f"neighborhood: length must be a positive int, got {length!r}")
+            axes = ((int(length), "sequence"),)
+
+    if axes is not None:  # clamp the window to its axis; every dilated sub-sequence must hold it
+        clamped = []
+        for (n, what), k, d in zip(axes, kernels, dils):
+            k = min(k, n)
+            if n // d < k:
+                raise AttentionInputError(
+                    f"neighborhood attention: kernel_size={k} with dilation={d} does not fit the {what} axis of "
+                    f"length {n}: it splits into {d} dilated sub-sequences, the shortest of length {n // d} < "
+                    f"kernel_size {k}; every query must see kernel_size neighbours on its sub-sequence, so use "
+                    f"kernel_size * dilation <= {n} (a smaller kernel_size or dilation)"
+                )
+            clamped.append(k)
+        kernels = tuple(clamped)
+
+    def axis_window(qi, ki, n, k, d):
+        """Key ``ki`` is among the ``k`` neighbours of query ``qi`` on an axis of length ``n``."""
+        g = qi % d
+        sub_len = (n - g + d - 1) // d  # length of the query's dilated sub-sequence
+        start = torch.minimum((qi // d - k // 2).clamp(min=0), sub_len - k)
+        kp = ki // d
+        return ((ki % d) == g) & (kp >= start) & (kp < start + k)
+
+    if grid is not None:
+        (kh, kw), (dh, dw) = kernels, dils
+
+        def neighborhood_2d(b, h, q_idx, kv_idx):
+            rows = axis_window(q_idx // gw, kv_idx // gw, gh, kh, dh)
+            return rows & axis_window(q_idx % gw, kv_idx % gw, gw, kw, dw)
+
+        mod = neighborhood_2d
+    elif causal:
+        (k1,), (d1,) = kernels, dils
+
+        def neighborhood_causal(b, h, q_idx, kv_idx):
+            back = q_idx - kv_idx
+            return (back >= 0) & (back <= (k1 - 1) * d1) & ((back % d1) == 0)
+
+        mod = neighborhood_causal
+    else:
+        (k1,), (d1,) = kernels, dils
+        n1 = axes[0][0]
+
+        def neighborhood(b, h, q_idx, kv_idx):
+            return axis_window(q_idx, kv_idx, n1, k1, d1)
+
+        mod = neighborhood
+
+    mod.kernel = kernels  # type: ignore[attr-defined]
+    mod.dilation = dils  # type: ignore[attr-defined]
+    mod.grid = None if grid is None else (gh, gw)  # type: ignore[attr-defined]
+    mod.causal = bool(causal)  # type: ignore[attr-defined]
+    mod.length = None if length is None else int(length)  # type: ignore[attr-defined]
+    return mod
+
+
+__all__.append("neighborhood_mask")
+
+
+def sink_mask(sinks: int) -> MaskMod:
+    """Attention sinks: the first ``sinks`` key positions are visible to every query
+    (StreamingLLM, "Efficient Streaming Language Models with Attention Sinks"). Combine
+    with a window via :func:`or_masks`, and with :func:`causal_mask` via :func:`and_masks`."""
+    sinks = int(sinks)
+
+    def sink(b, h, q_idx, kv_idx):
+        return (kv_idx < sinks) & (q_idx >= 0)
+
+    return sink
+
+
+def sliding_window_sink_mask(
+    window: int, sinks: int = 0, causal: bool = True, q_len: Optional[int] = None, kv_len: Optional[int] = None
+) -> MaskMod:
+    """The ``sliding_window`` method's pattern: a sliding window (see
+    :func:`sliding_window_mask`) or one of the first ``sinks`` keys; causal (lower-right)
+    when ``causal``."""
+    mod = sliding_window_mask(window, causal, q_len, kv_len)
+    if sinks:
+        mod = or_masks(mod, sink_mask(sinks))
+        if causal:
+            mod = and_masks(mod, causal_mask(q_len, kv_len))
+    return mod
+
+
+__all__ += ["sink_mask", "sliding_window_sink_mask"]

@@ -13,8 +13,10 @@ METHODS = [s.name for s in az.methods()]
 
 
 def supported(method: str) -> dict:
-    """Keyword arguments for a pattern the method supports (self-attention)."""
-    return {"causal": "noncausal_self" not in az.get(method).patterns}
+    """Keyword arguments for a pattern the method supports (self-attention), with the
+    options the method needs to run (e.g. block_sparse's layout)."""
+    spec = az.get(method)
+    return {"causal": "noncausal_self" not in spec.patterns, **spec.test_options}
 
 
 def qkv(B=2, Hq=4, Hkv=2, Nq=5, Nk=5, D=8, Dv=8, dtype=torch.float32):

@@ -11,6 +11,13 @@ import attnzoo as az
 METHODS = [s.name for s in az.methods()]
 
 
+def layer_options(method: str) -> dict:
+    """Options a method needs to run (e.g. block_sparse's layout); learnable methods take
+    module arguments instead, and their defaults run."""
+    spec = az.get(method)
+    return {} if spec.module is not None else dict(spec.test_options)
+
+
 def randomize(module):
     with torch.no_grad():
         for p in module.parameters():
@@ -22,7 +29,7 @@ def randomize(module):
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_step_equals_forward(method, kv_heads):
     attn = randomize(az.Attention(dim=32, heads=4, kv_heads=kv_heads, method=method, causal=True, rotary=True,
-                                  qk_norm=True, gate=True)).double()
+                                  qk_norm=True, gate=True, **layer_options(method))).double()
     x = torch.randn(2, 21, 32, dtype=torch.float64)
     full = attn(x)
     cache = attn.init_cache(batch_size=2)
@@ -32,7 +39,8 @@ def test_step_equals_forward(method, kv_heads):
 
 @pytest.mark.parametrize("method", [s.name for s in az.methods() if "noncausal_cross" in s.patterns])
 def test_cross_attention_and_cross_decoding(method):
-    attn = randomize(az.Attention(dim=32, heads=4, kv_heads=2, method=method, context_dim=24)).double()
+    attn = randomize(az.Attention(dim=32, heads=4, kv_heads=2, method=method, context_dim=24,
+                                  **layer_options(method))).double()
     x, memory = torch.randn(2, 9, 32, dtype=torch.float64), torch.randn(2, 13, 24, dtype=torch.float64)
     kpm = torch.ones(2, 13, dtype=torch.bool)
     kpm[1, 10:] = False
@@ -102,7 +110,8 @@ def test_learnable_method_parameters_are_in_the_layer():
 @pytest.mark.parametrize("method", METHODS)
 def test_bfloat16_layer_runs_and_trains(method):
     causal = "causal_self" in az.get(method).patterns
-    attn = az.Attention(dim=32, heads=4, kv_heads=2, method=method, causal=causal).bfloat16()
+    attn = az.Attention(dim=32, heads=4, kv_heads=2, method=method, causal=causal,
+                        **layer_options(method)).bfloat16()
     x = torch.randn(2, 40, 32, dtype=torch.bfloat16, requires_grad=True)
     y = attn(x)
     assert y.dtype == torch.bfloat16

@@ -10,3 +10,6 @@ from . import inline  # noqa: F401
 from . import softmax_free  # noqa: F401
 from . import flow  # noqa: F401
 from . import agent  # noqa: F401
+from . import sliding_window  # noqa: F401
+from . import block_sparse  # noqa: F401
+from . import neighborhood  # noqa: F401

@@ -165,20 +165,25 @@ def rows_per_chunk(batch: int, heads: int, kv_len: int, block_q: Optional[int]) 
     return max(16, min(1024, BLOCK_ELEMENTS // max(1, batch * heads * kv_len)))
 
 
-class _ChunkedRows(torch.autograd.Function):
-    """Forward over query-row chunks without keeping any graph; the backward recomputes
-    one chunk at a time and accumulates its q/k/v gradients into preallocated buffers.
+class _Segmented(torch.autograd.Function):
+    """Attention computed segment by segment with no graph kept, and a backward that
+    recomputes one segment at a time and accumulates its gradients into preallocated
+    buffers.
 
-    (Slicing the inputs under plain autograd or checkpointing would make every chunk's
+    Each plan item is ``(qs, qe, keys)``: the query rows ``[qs, qe)`` and the keys they
+    need — an int ``end`` (the prefix ``[0, end)``) or a LongTensor of key positions
+    (gathered compactly). ``seg_fn(q_seg, k_seg, v_seg, item)`` computes the rows.
+
+    (Slicing or gathering the inputs under plain autograd would make every segment's
     backward allocate and add a zero gradient the size of the whole of q, k and v:
-    O(N) work per chunk, O(N²)+ in all.)"""
+    O(N) work per segment, O(N²) and worse in all.)"""
 
     @staticmethod
-    def forward(ctx, row_fn, plan, q, k, v):
+    def forward(ctx, seg_fn, plan, q, k, v):
         with torch.no_grad():
-            outs = [row_fn(q[:, :, qs:qe], k[:, :, :end], v[:, :, :end], qs, qe) for qs, qe, end in plan]
+            outs = [seg_fn(q[:, :, qs:qe], *_select(k, v, keys), (qs, qe, keys)) for qs, qe, keys in plan]
         ctx.save_for_backward(q, k, v)
-        ctx.row_fn, ctx.plan = row_fn, plan
+        ctx.seg_fn, ctx.plan = seg_fn, plan
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     @staticmethod
@@ -188,19 +193,39 @@ class _ChunkedRows(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        for qs, qe, end in ctx.plan:
+        for qs, qe, keys in ctx.plan:
             with torch.enable_grad():
                 qb = q[:, :, qs:qe].detach().requires_grad_(True)
-                kb = k[:, :, :end].detach().requires_grad_(True)
-                vb = v[:, :, :end].detach().requires_grad_(True)
-                out = ctx.row_fn(qb, kb, vb, qs, qe)
+                kb, vb = (t.detach().requires_grad_(True) for t in _select(k, v, keys))
+                out = ctx.seg_fn(qb, kb, vb, (qs, qe, keys))
                 gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), dout[:, :, qs:qe], allow_unused=True)
-            for buf, g, sl in ((dq, gq, slice(qs, qe)), (dk, gk, slice(0, end)), (dv, gv, slice(0, end))):
-                if g is not None:
-                    buf[:, :, sl] += g
+            if gq is not None:
+                dq[:, :, qs:qe] += gq
+            for buf, g in ((dk, gk), (dv, gv)):
+                if g is None:
+                    continue
+                if isinstance(keys, int):
+                    buf[:, :, :keys] += g
+                else:
+                    buf.index_add_(2, keys, g.to(acc))
         grads = [g.to(t.dtype) if need else None
                  for g, t, need in zip((dq, dk, dv), (q, k, v), ctx.needs_input_grad[2:])]
         return (None, None, *grads)
+
+
+def _select(k, v, keys):
+    if isinstance(keys, int):
+        return k[:, :, :keys], v[:, :, :keys]
+    return k.index_select(2, keys), v.index_select(2, keys)
+
+
+def segmented(seg_fn: Callable, plan: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Run ``seg_fn`` over the plan's segments (see :class:`_Segmented`); under autograd
+    only q, k, v are kept and each segment is recomputed in the backward pass."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _Segmented.apply(seg_fn, plan, q, k, v)
+    outs = [seg_fn(q[:, :, qs:qe], *_select(k, v, keys), (qs, qe, keys)) for qs, qe, keys in plan]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def chunked_rows(
@@ -220,7 +245,4 @@ def chunked_rows(
     for qs in range(0, Nq, rows):
         qe = min(Nq, qs + rows)
         plan.append((qs, qe, max(1, masker.key_end(qs, qe))))  # >= 1 key: fully masked rows give zeros
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _ChunkedRows.apply(row_fn, plan, q, k, v)
-    outs = [row_fn(q[:, :, qs:qe], k[:, :, :end], v[:, :, :end], qs, qe) for qs, qe, end in plan]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return segmented(lambda qb, kb, vb, item: row_fn(qb, kb, vb, item[0], item[1]), plan, q, k, v)
