@@ -77,8 +77,10 @@ def cmd_bench(args) -> int:
             raise SystemExit(f"--patterns takes {', '.join(registry.PATTERNS)}; got {p!r}")
     if args.dtype not in eff.DTYPES:
         raise SystemExit(f"--dtype takes {', '.join(eff.DTYPES)}; got {args.dtype!r}")
+    options = parse_options(args.option, [m for m, _ in methods])
     cases = eff.build_cases(methods, lengths, modes, patterns, args.dtype, batch=args.batch, heads=args.heads,
-                            kv_heads=args.kv_heads, head_dim=args.head_dim, repeats=args.repeats)
+                            kv_heads=args.kv_heads, head_dim=args.head_dim, repeats=args.repeats,
+                            options_for=lambda name: options.get(name, ()))
     console = _console()
     console.print(f"[bold]attnzoo bench[/]: {len(cases)} cases, B={args.batch} H={args.heads} D={args.head_dim} "
                   f"{args.dtype}, median of {args.repeats}, each case in its own process; machine: "
@@ -146,6 +148,38 @@ def _bench_decode(args, methods, console, out_file) -> bool:
     return ok
 
 
+def parse_options(items, method_names) -> dict:
+    """``["window=256", "neighborhood.grid=(128, 128)"]`` -> per-method option tuples.
+
+    ``name=value`` applies to every chosen method that has the option; ``method.name=value``
+    to that method only. Values are Python literals (numbers, tuples, lists), else strings.
+    """
+    import ast
+
+    from .bench.efficiency import BASELINE
+
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option takes name=value or method.name=value, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        target, _, name = key.rpartition(".")
+        hit = False
+        for m in method_names:
+            if m == BASELINE or (target and m != target):
+                continue
+            if name in registry.get(m).options:
+                out[m] = out.get(m, ()) + ((name, value),)
+                hit = True
+        if not hit:
+            raise SystemExit(f"--option {item!r}: no chosen method has an option {name!r}")
+    return out
+
+
 def results_table(results) -> Table:
     from .bench import efficiency as eff
 
@@ -195,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-limit", type=float, default=None, help="MiB of address space per case (RLIMIT_AS)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     b.add_argument("--out", default=None, help="append one JSON record per case to this file")
+    b.add_argument("--option", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
+                   help="a method option, e.g. window=256 or neighborhood.grid=(128,128); repeatable")
     b.add_argument("--decode-positions", default="", help="also time one decode step after prefills of these "
                    "lengths, e.g. 512,16384 (methods with decoding)")
     b.add_argument("--no-isolate", action="store_true", help="run cases in this process (memory figures are then "

@@ -116,3 +116,12 @@ def test_bench_decode_positions(tmp_path, capsys):
     assert state[("linear", 16)] == state[("linear", 64)]  # constant-size state
     assert state[("softmax", 64)] > state[("softmax", 16)]  # a KV cache grows
     assert "decoding" in capsys.readouterr().out
+
+
+def test_bench_options_reach_the_method():
+    opts = cli.parse_options(["window=32", "neighborhood.grid=(8, 8)"], ["torch_sdpa", "sliding_window", "neighborhood"])
+    assert opts == {"sliding_window": (("window", 32),), "neighborhood": (("grid", (8, 8)),)}
+    with pytest.raises(SystemExit, match="no chosen method has an option 'windw'"):
+        cli.parse_options(["windw=3"], ["sliding_window"])
+    case = eff.BenchCase("sliding_window", "auto", 64, "fwd", heads=1, head_dim=8, repeats=1, options=(("window", 8),))
+    assert eff.run_case(case, isolate=False).status == "ok"

@@ -181,8 +181,9 @@ def run_case(case: BenchCase, timeout: float = 600.0, isolate: bool = True, memo
 
 
 def build_cases(methods: list, lengths: Iterable[int], modes: Iterable[str], patterns: Iterable[str], dtype: str,
-                **common) -> list[BenchCase]:
-    """The baseline first at every length, then every method; skips patterns a method lacks."""
+                options_for=lambda name: (), **common) -> list[BenchCase]:
+    """The baseline first at every length, then every method; skips patterns a method lacks.
+    ``options_for(name)`` gives a method's options as (name, value) pairs."""
     cases = []
     pairs = [(BASELINE, "auto")] + [p for p in methods if p[0] != BASELINE]
     for pattern in patterns:
@@ -191,7 +192,8 @@ def build_cases(methods: list, lengths: Iterable[int], modes: Iterable[str], pat
                 for name, impl in pairs:
                     if name != BASELINE and pattern not in registry.get(name).patterns:
                         continue
-                    cases.append(BenchCase(name, impl, int(n), mode, pattern=pattern, dtype=dtype, **common))
+                    cases.append(BenchCase(name, impl, int(n), mode, pattern=pattern, dtype=dtype,
+                                           options=tuple(options_for(name)), **common))
     return cases
 
 
