@@ -177,9 +177,9 @@ class Attention(nn.Module):
                 )
             if not self.spec.rows_independent:
                 raise UnsupportedPattern(
-                    f"method {self.method!r} computes each output row from all the queries together "
-                    "(its spec has rows_independent=False), so cross-attention cannot be decoded one query "
-                    "at a time; run the full forward instead"
+                    f"method {self.method!r} computes each output row from the other queries too, or from its "
+                    "position among them (its spec has rows_independent=False), so cross-attention cannot be "
+                    "decoded one query at a time; run the full forward instead"
                 )
             self._check_x(context, "context", self.to_k.in_features)
             cache.context_k, cache.context_v = self._keys_values(context, None)

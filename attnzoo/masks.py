@@ -458,3 +458,114 @@ def sliding_window_sink_mask(
 
 
 __all__ += ["sink_mask", "sliding_window_sink_mask"]
+
+
+def _head_values(values, name: str, minimum: int = 1) -> torch.Tensor:
+    """Per-head integers (an int, a sequence or a 1-D tensor) as a 1-D long tensor on the
+    CPU; head ``h`` uses entry ``h % len`` (the list is cycled over the heads)."""
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() and not bool((values == values.round()).all()):
+            raise AttentionInputError(f"{name} must hold integers, got {values.tolist()}")
+        vals = values.detach().flatten().to("cpu", torch.long)
+    else:
+        seq = list(values) if isinstance(values, (list, tuple)) else [values]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in seq):
+            raise AttentionInputError(f"{name} must be an int or a list/tuple of ints (one per head), got {values!r}")
+        vals = torch.tensor(seq, dtype=torch.long)
+    if vals.numel() == 0 or bool((vals < minimum).any()):
+        raise AttentionInputError(f"{name} must be a non-empty list of ints >= {minimum} (one per head), got {vals.tolist()}")
+    return vals
+
+
+def _take_head(values: torch.Tensor, h):
+    """``values[h % len(values)]`` elementwise: on a broadcast head index grid, one block of
+    it, or a batched scalar under ``torch.vmap``."""
+    if not isinstance(h, torch.Tensor):
+        return int(values[int(h) % values.numel()])
+    return values.to(h.device)[h % values.numel()]
+
+
+def dilated_window_mask(
+    window: int, dilations=(1, 2, 4, 8), causal: bool = True, q_len: Optional[int] = None,
+    kv_len: Optional[int] = None,
+) -> MaskMod:
+    """LongNet's dilated sliding window ("LongNet: Scaling Transformers to 1,000,000,000
+    Tokens"), the dilation varying across heads: head ``h`` uses ``r = dilations[h % len]``.
+
+    With ``i' = i + kv_len - q_len`` (lower-right alignment) and ``d = i' - j``:
+
+    * causal: query ``i`` sees ``j = i' - r·t`` for ``t = 0..window-1`` (``j >= 0``), i.e.
+      ``d >= 0``, ``d % r == 0`` and ``d // r < window``;
+    * noncausal: ``|d| % r == 0`` and ``|d| // r <= window // 2`` (``window // 2`` dilated
+      steps on each side).
+
+    ``dilations``: an int or a list/tuple/1-D tensor of positive ints, cycled over the heads.
+    The returned function carries ``window``, ``dilations`` (the long tensor), ``causal`` and
+    ``offset`` as attributes.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise AttentionInputError(f"window must be a positive int, got {window!r}")
+    rates = _head_values(dilations, "dilations")
+    offset = _offset(q_len, kv_len)
+
+    if causal:
+
+        def dilated_window_causal(b, h, q_idx, kv_idx):
+            r = _take_head(rates, h)
+            back = q_idx + offset - kv_idx
+            return (back >= 0) & (back % r == 0) & (back < r * window)
+
+        mod = dilated_window_causal
+    else:
+        half = window // 2
+
+        def dilated_window(b, h, q_idx, kv_idx):
+            r = _take_head(rates, h)
+            dist = (q_idx + offset - kv_idx).abs()
+            return (dist % r == 0) & (dist <= r * half)
+
+        mod = dilated_window
+
+    mod.window, mod.dilations, mod.causal, mod.offset = window, rates, bool(causal), offset  # type: ignore[attr-defined]
+    return mod
+
+
+def per_head_window_mask(
+    spans, sinks: int = 0, causal: bool = True, q_len: Optional[int] = None, kv_len: Optional[int] = None
+) -> MaskMod:
+    """A sliding window whose span differs per head (MoA, "MoA: Mixture of Sparse Attention
+    for Automatic Large Language Model Compression"), plus ``sinks`` initial tokens.
+
+    Head ``h`` uses ``w = spans[h % len(spans)]``. Causal: query ``i`` sees the last ``w``
+    keys up to its aligned position ``i' = i + kv_len - q_len`` (its own included),
+    ``i' - w < j <= i'``, or ``j < sinks`` with ``j <= i'``. Noncausal: ``|j - i'| <= w // 2``
+    or ``j < sinks``. ``spans``: an int or a list/tuple/1-D tensor of positive ints. The
+    returned function carries ``spans`` (the long tensor), ``sinks``, ``causal`` and
+    ``offset`` as attributes.
+    """
+    widths = _head_values(spans, "spans")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise AttentionInputError(f"sinks must be an int >= 0, got {sinks!r}")
+    offset = _offset(q_len, kv_len)
+
+    if causal:
+
+        def per_head_window_causal(b, h, q_idx, kv_idx):
+            w = _take_head(widths, h)
+            back = q_idx + offset - kv_idx
+            return (back >= 0) & ((back < w) | (kv_idx < sinks))
+
+        mod = per_head_window_causal
+    else:
+
+        def per_head_window(b, h, q_idx, kv_idx):
+            w = _take_head(widths, h)
+            return ((q_idx + offset - kv_idx).abs() <= w // 2) | (kv_idx < sinks)
+
+        mod = per_head_window
+
+    mod.spans, mod.sinks, mod.causal, mod.offset = widths, sinks, bool(causal), offset  # type: ignore[attr-defined]
+    return mod
+
+
+__all__ += ["dilated_window_mask", "per_head_window_mask"]

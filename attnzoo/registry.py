@@ -115,7 +115,9 @@ class MethodSpec:
         fudge: tolerance factor of the three-way test rule.
         rows_independent: each output row depends only on its own query and the keys
             (softmax and most methods). False when the queries are pooled or normalised
-            together (Agent's agents, Flowformer's flows): such a method cannot decode
+            together (Agent's agents, Flowformer's flows) or when a row's pattern depends
+            on its aligned position ``i + Nk - Nq`` and so on the number of queries
+            (sliding windows, dilated windows): such a method cannot decode
             cross-attention one query at a time.
         query: ``"tokens"`` (one query per position, the usual) or ``"learned"``: the
             method attends with one learned query per head, passed as ``q (B, Hq, 1, D)``,

@@ -13,3 +13,5 @@ from . import agent  # noqa: F401
 from . import sliding_window  # noqa: F401
 from . import block_sparse  # noqa: F401
 from . import neighborhood  # noqa: F401
+from . import dilated  # noqa: F401
+from . import moa  # noqa: F401

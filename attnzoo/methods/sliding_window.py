@@ -144,6 +144,7 @@ register(
         time="O(N w D)",
         memory="O(N w)",
         decoding=True,
+        rows_independent=False,  # a cross-attention row's window depends on its aligned position
         state_size="ring buffer: (w + s)·2·Hkv·D per sequence, constant in N",
         init_state=init_state,
         step=step,
