@@ -280,6 +280,8 @@ def check_inputs(
             raise AttentionInputError(
                 f"key_padding_mask must have shape (B, Nk) = {fmt_shape((B, Nk))}, got {fmt_shape(key_padding_mask)}"
             )
+        if key_padding_mask.device != q.device:
+            raise AttentionInputError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise AttentionInputError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and not spec.dropout:
@@ -338,7 +340,14 @@ def select_impl(spec: MethodSpec, impl: str, call: CallInfo):
         for candidate in spec.impls:
             if _reason(candidate, call) is None:
                 return candidate
-        return spec.get_impl("reference")
+        reference = spec.get_impl("reference")
+        reason = _reason(reference, call)
+        if reason is not None:
+            raise UnsupportedImpl(
+                f"no implementation of method {spec.name!r} can serve this call (the reference: {reason}; "
+                + "; ".join(f"{i.name}: {_reason(i, call)}" for i in spec.impls) + ")"
+            )
+        return reference
     if impl not in spec.impl_names:
         raise UnsupportedImpl(
             f"impl={impl!r} is not an implementation of method {spec.name!r}.{closest(impl, spec.impl_names)} "

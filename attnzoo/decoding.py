@@ -104,9 +104,35 @@ def step(method: str, state, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise AttentionInputError(
             f"step takes as many new queries as new keys, got q {fmt_shape(q)} and k {fmt_shape(k)} (dim 2)"
         )
+    if impl != "auto" and impl not in spec.step_impls:
+        from .errors import UnsupportedImpl, closest
+
+        choices = ", ".join(repr(i) for i in ("auto", *spec.step_impls))
+        raise UnsupportedImpl(f"method {method!r} has no decoding impl {impl!r}.{closest(impl, spec.step_impls)} "
+                              f"Choose from: {choices}")
+    shape = _check_shapes(state, q, k, v)
     opts = _options_for(spec, spec.step, options)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return spec.step(state, q, k, v, scale=scale, impl=impl, **opts)
+    out = spec.step(state, q, k, v, scale=scale, impl=impl, **opts)
+    try:
+        state._attnzoo_shape = shape  # bound once a step has succeeded
+    except AttributeError:  # pragma: no cover - a state type that refuses attributes
+        pass
+    return out
+
+
+def _check_shapes(state, q, k, v) -> tuple:
+    """A state serves one (B, Hq, Hkv, D, Dv): the first successful step records it and
+    later steps must match (a recurrent state would otherwise broadcast silently against
+    another batch). Returns the call's shape."""
+    shape = (q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3])
+    bound = getattr(state, "_attnzoo_shape", None)
+    if bound is not None and bound != shape:
+        raise AttentionInputError(
+            "this decoding state was made for (B, Hq, Hkv, D, Dv) = "
+            f"{bound}, got {shape} (q {fmt_shape(q)}, k {fmt_shape(k)}, v {fmt_shape(v)})"
+        )
+    return shape
 
 
 _PROTOCOL_KWARGS = ("dtype", "device", "max_len", "scale", "impl")

@@ -150,6 +150,7 @@ class MethodSpec:
     fudge: float = 3.0
     query: str = "tokens"
     rows_independent: bool = True
+    step_impls: tuple = ()  # named decoding implementations ``step(impl=...)`` accepts besides "auto"
 
     def __post_init__(self) -> None:
         unknown = set(self.patterns) - set(PATTERNS)

@@ -262,3 +262,41 @@ def test_segmented_pipeline_equals_whole(monkeypatch, method, opts):
         torch.testing.assert_close(a, b)
     ref = az.attention(q, k, v, method=method, causal=True, key_padding_mask=kpm, impl="reference", **opts)
     torch.testing.assert_close(whole[0], ref)
+
+
+def test_aaren_scan_gradients_stay_finite_with_spread_scores():
+    """Regression: masked entries are excluded before the exp (no 0 * inf in the backward)."""
+    q = torch.ones(1, 1, 1, 4)
+    k = torch.zeros(1, 1, 8, 4)
+    k[0, 0, 5] = 100.0  # a later key scoring far above the running max before it
+    v = torch.randn(1, 1, 8, 4)
+    grads = {}
+    for impl in ("reference", "scan"):
+        qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        out = az.attention(qq, kk, v, method="aaren", causal=True, impl=impl)
+        grads[impl] = torch.autograd.grad(out.sum(), (qq, kk))
+        assert all(torch.isfinite(g).all() for g in grads[impl])
+    for a, b in zip(grads["scan"], grads["reference"]):
+        torch.testing.assert_close(a, b)
+
+
+def test_decoding_states_refuse_another_shape_and_unknown_impls():
+    q, k, v = qkv(B=1, N=4)
+    for method in ("linear", "lightning"):
+        st = decoding.init_state(method, 1, 2, 8, 6, dtype=torch.float64)
+        decoding.step(method, st, q[:, :, :1], k[:, :, :1], v[:, :, :1])
+        q3, k3, v3 = qkv(B=3, N=1)
+        with pytest.raises(az.AttentionInputError, match=r"made for \(B, Hq, Hkv, D, Dv\) = \(1, 2, 2, 8, 6\)"):
+            decoding.step(method, st, q3, k3, v3)
+        with pytest.raises(az.UnsupportedImpl, match="no decoding impl 'split_k'.*'auto'"):
+            decoding.step(method, st, q[:, :, 1:2], k[:, :, 1:2], v[:, :, 1:2], impl="split_k")
+
+
+def test_cosformer_length_must_cover_the_sequence():
+    q, k, v = qkv(N=12)
+    with pytest.raises(az.AttentionInputError, match="cosformer_len=8 is shorter than the sequence"):
+        az.attention(q, k, v, method="linear", feature_map="cosformer", cosformer_len=8)
+    st = decoding.init_state("linear", 2, 2, 8, 6, dtype=torch.float64, feature_map="cosformer", cosformer_len=4)
+    decoding.step("linear", st, q[:, :, :4], k[:, :, :4], v[:, :, :4], feature_map="cosformer", cosformer_len=4)
+    with pytest.raises(az.AttentionInputError, match="decoding past cosformer_len=4"):
+        decoding.step("linear", st, q[:, :, 4:5], k[:, :, 4:5], v[:, :, 4:5], feature_map="cosformer", cosformer_len=4)

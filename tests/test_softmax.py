@@ -191,3 +191,43 @@ def test_blocked_paths_never_allocate_n_by_n(method, impl):
             assert probe.largest < N * N // 4, f"{fast}: a tensor of {probe.largest} elements (N² = {N * N})"
         else:
             assert probe.largest >= N * N
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_tiled_softcap_gradients_match_reference(causal, padded):
+    """Regression: the tiled backward must take tanh's derivative before its in-place exp
+    (with no mask and no ALiBi the score tile *is* the capped tensor)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64) * 3 for _ in range(3))
+    kpm = torch.ones(1, 40, dtype=torch.bool) if padded else None
+
+    def grads(impl):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = az.attention(qq, kk, vv, softcap=2.0, causal=causal, key_padding_mask=kpm, impl=impl,
+                           **({"block_q": 16, "block_k": 16} if impl == "tiled" else {}))
+        return [out, *torch.autograd.grad(out.square().sum(), (qq, kk, vv))]
+
+    for a, b in zip(grads("tiled"), grads("reference")):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(az.AttentionInputError, match="softcap must be a positive number"):
+        az.attention(q, k, v, softcap=0.0)
+
+
+def test_learnable_alibi_slopes_get_gradients_and_tiled_refuses_them():
+    q, k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    grads = {}
+    for impl in ("reference", "sdpa"):
+        slopes = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
+        az.attention(q, k, v, alibi=slopes, causal=True, impl=impl).square().sum().backward()
+        grads[impl] = slopes.grad
+    torch.testing.assert_close(grads["sdpa"], grads["reference"])
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(az.UnsupportedImpl, match="learnable ALiBi"):
+        az.attention(q, k, v, alibi=slopes, causal=True, impl="tiled")
+
+
+def test_auto_raises_when_no_implementation_takes_the_options():
+    q = torch.randn(1, 1, 8, 8)
+    with pytest.raises(az.UnsupportedImpl, match="no implementation of method 'softmax' can serve"):
+        az.attention(q, q, q, block_q=4, return_weights=True)

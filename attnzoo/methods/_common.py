@@ -27,7 +27,7 @@ def repeat_kv(x: torch.Tensor, q_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def alibi_slopes(heads: int, device=None) -> torch.Tensor:
+def alibi_slopes(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """ALiBi's per-head slopes (Press et al., "Train Short, Test Long"): a geometric
     sequence ``2^(-8/n), 2^(-16/n), ...`` for ``n`` a power of two; other head counts
     take the slopes of the next power of two at odd positions, as in the paper's code."""
@@ -41,16 +41,16 @@ def alibi_slopes(heads: int, device=None) -> torch.Tensor:
     else:
         closest = 2 ** math.floor(math.log2(heads))
         slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][: heads - closest]
-    return torch.tensor(slopes, dtype=torch.float32, device=device)
+    return torch.tensor(slopes, dtype=dtype, device=device)
 
 
-def resolve_alibi(alibi, heads: int, device) -> Optional[torch.Tensor]:
-    """``alibi`` option -> per-head slopes ``(Hq,)`` float32, or None."""
+def resolve_alibi(alibi, heads: int, device, dtype=torch.float32) -> Optional[torch.Tensor]:
+    """``alibi`` option -> per-head slopes ``(Hq,)`` in ``dtype``, or None."""
     if alibi is None or alibi is False:
         return None
     if alibi is True:
-        return alibi_slopes(heads, device)
-    slopes = torch.as_tensor(alibi, dtype=torch.float32, device=device).flatten()
+        return alibi_slopes(heads, device, dtype)
+    slopes = torch.as_tensor(alibi, device=device).to(dtype).flatten()
     if slopes.numel() != heads:
         from ..errors import AttentionInputError
 
@@ -61,8 +61,8 @@ def resolve_alibi(alibi, heads: int, device) -> Optional[torch.Tensor]:
 def alibi_bias(slopes: torch.Tensor, qs: int, qe: int, ks: int, ke: int, offset: int) -> torch.Tensor:
     """ALiBi bias block ``(1, H, qe-qs, ke-ks)``: ``-slope * |pos_i - j|`` with query
     positions aligned lower-right (``pos_i = i + Nk - Nq``)."""
-    pos = torch.arange(qs, qe, device=slopes.device, dtype=torch.float32) + offset
-    key = torch.arange(ks, ke, device=slopes.device, dtype=torch.float32)
+    pos = torch.arange(qs, qe, device=slopes.device, dtype=slopes.dtype) + offset
+    key = torch.arange(ks, ke, device=slopes.device, dtype=slopes.dtype)
     dist = (pos[:, None] - key[None, :]).abs()
     return -slopes.view(1, -1, 1, 1) * dist
 
@@ -147,13 +147,14 @@ def group_mask(allowed: torch.Tensor, kv_heads: int, groups: int) -> torch.Tenso
     return allowed.reshape(allowed.shape[0], kv_heads, groups, allowed.shape[2], allowed.shape[3])
 
 
-def visible_counts(causal: bool, q_len: int, kv_len: int, device, qs: int = 0, qe: Optional[int] = None) -> torch.Tensor:
+def visible_counts(causal: bool, q_len: int, kv_len: int, device, qs: int = 0, qe: Optional[int] = None,
+                   dtype=torch.float32) -> torch.Tensor:
     """Number of keys each query ``[qs, qe)`` sees under the causal structure alone,
-    shape ``(qe-qs, 1)`` float32 (``Nk`` for noncausal, ``i + Nk - Nq + 1`` causal)."""
+    shape ``(qe-qs, 1)`` (``Nk`` for noncausal, ``i + Nk - Nq + 1`` causal)."""
     qe = q_len if qe is None else qe
     if not causal:
-        return torch.full((qe - qs, 1), float(kv_len), device=device)
-    pos = torch.arange(qs, qe, device=device, dtype=torch.float32) + (kv_len - q_len)
+        return torch.full((qe - qs, 1), float(kv_len), device=device, dtype=dtype)
+    pos = torch.arange(qs, qe, device=device, dtype=dtype) + (kv_len - q_len)
     return (pos + 1).clamp(min=1).view(-1, 1)
 
 

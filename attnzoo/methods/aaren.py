@@ -83,7 +83,8 @@ def _scan(s, vv, chunk: int, state: Optional[AarenState] = None):
     # intra-chunk: running max m_i and E_ij = exp(s_j - m_i) for j <= i
     m_loc = torch.cummax(sc, dim=-1).values  # (B, H, nc, C)
     m_loc_safe = m_loc.masked_fill(torch.isinf(m_loc), 0.0)
-    e = torch.exp(sc.unsqueeze(-2) - m_loc_safe.unsqueeze(-1)).masked_fill(~tril, 0.0)  # (B, H, nc, C, C)
+    # mask before the exp: for j > i, s_j - m_i may be large and exp would overflow (0 * inf = NaN in backward)
+    e = torch.exp((sc.unsqueeze(-2) - m_loc_safe.unsqueeze(-1)).masked_fill(~tril, float("-inf")))  # (B, H, nc, C, C)
     num = e @ vc  # (B, H, nc, C, Dv)
     den = e.sum(-1)  # (B, H, nc, C)
     # chunk summaries (m_c, u_c, w_c) at each chunk's end, then a scan over chunks

@@ -29,13 +29,16 @@ from ..registry import Impl, MethodSpec, register
 from ._common import chunked_rows, compute_dtype, group_mask, make_masker, masked_softmax, repeat_kv, visible_counts
 
 
-def _gamma(gamma, alpha, causal, q_len, kv_len, device, qs=0, qe=None):
+def _gamma(gamma, alpha, causal, q_len, kv_len, device, qs=0, qe=None, dtype=torch.float32):
     if gamma is not None:
         return float(gamma)
-    return -float(alpha) / visible_counts(causal, q_len, kv_len, device, qs, qe)
+    return -float(alpha) / visible_counts(causal, q_len, kv_len, device, qs, qe, dtype)
 
 
 def _check(zeta, gamma):
+    for name, value in (("zeta", zeta), ("gamma", gamma)):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise AttentionInputError(f"{name} must be a number (a tensor that requires grad would be silently detached)")
     if zeta < 1.0 or (gamma is not None and gamma > 0.0):
         raise AttentionInputError(f"clipped softmax needs zeta >= 1 and gamma <= 0, got zeta={zeta}, gamma={gamma}")
 
@@ -64,7 +67,7 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
     s = (q.to(ct) @ k.transpose(-1, -2)) * scale
     allowed = make_masker(q, k, causal, mask, key_padding_mask).full()
     p = masked_softmax(s, allowed)
-    w = _clip(p, zeta, _gamma(gamma, alpha, causal, Nq, Nk, q.device), allowed)
+    w = _clip(p, zeta, _gamma(gamma, alpha, causal, Nq, Nk, q.device, dtype=ct), allowed)
     out = (w @ v).to(q.dtype)
     return (out, w.to(q.dtype)) if return_weights else out
 
@@ -88,7 +91,7 @@ def chunked_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None
         allowed = masker.block(qs, qe, 0, m)
         a = None if allowed is None else group_mask(allowed, Hkv, G)
         p = masked_softmax(s, a)
-        w = _clip(p, zeta, _gamma(gamma, alpha, causal, Nq, Nk, q.device, qs, qe), a)
+        w = _clip(p, zeta, _gamma(gamma, alpha, causal, Nq, Nk, q.device, qs, qe, ct), a)
         return (w @ vb.to(ct).unsqueeze(2)).reshape(B, Hq, n, -1).to(q.dtype)
 
     return chunked_rows(rows, q, k, v, masker, block_q)

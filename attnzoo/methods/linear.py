@@ -71,6 +71,11 @@ def feature_map_fn(feature_map, *, scale: float, q_len: int, kv_len: int, normal
     if feature_map == "identity":
         return lambda x, pos, is_query: x
     if feature_map == "cosformer":
+        if cosformer_len is not None and max(q_len, kv_len) > cosformer_len:
+            raise AttentionInputError(
+                f"cosformer_len={cosformer_len} is shorter than the sequence ({max(q_len, kv_len)} positions): "
+                "cos(π (i - j) / 2M) would turn negative; use cosformer_len >= the longest sequence"
+            )
         M = float(cosformer_len or max(q_len, kv_len))
 
         def cosformer(x, pos, is_query):
@@ -199,6 +204,11 @@ def init_state(batch_size, kv_heads, head_dim, v_dim, *, dtype=torch.float32, de
 def step(state: LinearState, q, k, v, *, scale, impl="auto", feature_map="elu", normalize=True, eps=1e-6,
          cosformer_len=None, favor_features=None, favor_seed=0, chunk=_linear.DEFAULT_CHUNK):
     """The next T tokens from the constant-size state (a chunked scan over just them)."""
+    if feature_map == "cosformer" and state.position + q.shape[2] > cosformer_len:
+        raise AttentionInputError(
+            f"decoding past cosformer_len={cosformer_len} (position {state.position + q.shape[2]}): "
+            "make the state with a larger cosformer_len"
+        )
     opts = dict(feature_map=feature_map, normalize=normalize, cosformer_len=cosformer_len,
                 favor_features=favor_features, favor_seed=favor_seed, position_offset=state.position)
     fq, fk = _features(q, k, None, True, scale, opts)

@@ -48,10 +48,10 @@ def _temperatures(q, v, causal, kv_len, query_temperature, value_temperature, po
         tau = query_temperature.to(ct)
     alpha = position_scale
     if isinstance(alpha, torch.Tensor) or alpha:
-        n = visible_counts(causal, Nq, kv_len, q.device)  # (Nq, 1)
-        a = torch.as_tensor(alpha, dtype=ct, device=q.device)
+        n = visible_counts(causal, Nq, kv_len, q.device, dtype=ct)  # (Nq, 1)
+        a = torch.as_tensor(alpha, device=q.device).to(ct)
         a = a.view(1, -1, 1, 1) if a.dim() == 1 else a
-        pos = 1 + a * torch.log(n).to(ct)
+        pos = 1 + a * torch.log(n)
         tau = pos if tau is None else tau * pos
     if tau is not None:
         q = (q.to(ct) * tau).to(q.dtype)
@@ -177,6 +177,7 @@ register(
         learnable=True,
         dropout=True,
         decoding=True,
+        step_impls=("kv", "split_k"),
         state_size="KV cache: 2·Hkv·N·D per sequence",
         module=SelectiveAttention,
         init_state=init_state,

@@ -26,14 +26,17 @@ from typing import Optional
 import torch
 
 from ..decoding import KVCache
+from ..errors import AttentionInputError
 from ..registry import Impl, MethodSpec, register
 from ._common import chunked_rows, compute_dtype, group_mask, make_masker, repeat_kv, visible_counts
 
 
-def _bias(bias, causal, q_len, kv_len, device, qs=0, qe=None):
+def _bias(bias, causal, q_len, kv_len, device, qs=0, qe=None, dtype=torch.float32):
     if bias is not None:
+        if isinstance(bias, torch.Tensor) and bias.requires_grad:
+            raise AttentionInputError("bias must be a number (a tensor that requires grad would be silently detached)")
         return float(bias)
-    return -torch.log(visible_counts(causal, q_len, kv_len, device, qs, qe))
+    return -torch.log(visible_counts(causal, q_len, kv_len, device, qs, qe, dtype))
 
 
 def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
@@ -48,7 +51,7 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
     scale = D**-0.5 if scale is None else scale
     ct = compute_dtype(q.dtype)
     k, v = repeat_kv(k, Hq).to(ct), repeat_kv(v, Hq).to(ct)
-    s = (q.to(ct) @ k.transpose(-1, -2)) * scale + _bias(bias, causal, Nq, Nk, q.device)
+    s = (q.to(ct) @ k.transpose(-1, -2)) * scale + _bias(bias, causal, Nq, Nk, q.device, dtype=ct)
     w = torch.sigmoid(s)
     allowed = make_masker(q, k, causal, mask, key_padding_mask).full()
     if allowed is not None:
@@ -71,7 +74,7 @@ def chunked_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None
     def rows(qb, kb, vb, qs, qe):
         n, m = qe - qs, kb.shape[2]
         s = (qb.to(ct).view(B, Hkv, G, n, D) @ kb.to(ct).unsqueeze(2).transpose(-1, -2)) * scale
-        b = _bias(bias, causal, Nq, Nk, q.device, qs, qe)
+        b = _bias(bias, causal, Nq, Nk, q.device, qs, qe, ct)
         w = torch.sigmoid(s + b)
         allowed = masker.block(qs, qe, 0, m)
         if allowed is not None:

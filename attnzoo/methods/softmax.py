@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decoding import KVCache, split_k_attention
-from ..errors import UnsupportedImpl
+from ..errors import AttentionInputError, UnsupportedImpl
 from ..masks import flex_available
 from ..registry import Impl, MethodSpec, register
 from ._common import Masker, alibi_bias, compute_dtype, group_mask, make_masker, masked_softmax, repeat_kv, resolve_alibi
@@ -59,13 +59,14 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
     ``alibi``: True for the standard slopes, or a tensor of per-head slopes.
     ``softcap``: tanh soft-capping value (None = off).
     """
+    check_softcap(softcap)
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     scale = D**-0.5 if scale is None else scale
     ct = compute_dtype(q.dtype)
     k, v = repeat_kv(k, Hq).to(ct), repeat_kv(v, Hq).to(ct)
     s = (q.to(ct) @ k.transpose(-1, -2)) * scale
-    slopes = resolve_alibi(alibi, Hq, q.device)
+    slopes = resolve_alibi(alibi, Hq, q.device, ct)
     s = apply_score_mods(s, softcap=softcap, slopes=slopes, qs=0, qe=Nq, ks=0, ke=Nk, offset=Nk - Nq)
     p = masked_softmax(s, make_masker(q, k, causal, mask, key_padding_mask).full())
     weights = p
@@ -98,7 +99,7 @@ def sdpa_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, s
         raise UnsupportedImpl("impl='sdpa' has no tanh soft-capping; use impl='tiled'")
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    slopes = resolve_alibi(alibi, Hq, q.device)
+    slopes = resolve_alibi(alibi, Hq, q.device, compute_dtype(q.dtype))
     gqa = k.shape[1] != Hq
     masker = make_masker(q, k, causal, mask, key_padding_mask)
     if slopes is None and mask is None and key_padding_mask is None and (not causal or Nq == Nk):
@@ -192,13 +193,16 @@ class _TiledSoftmax(torch.autograd.Function):
                 ke = min(Nk, ks + bk)
                 raw = qb @ kg[:, :, :, ks:ke].to(ct).transpose(-1, -2)
                 capped = softcap * torch.tanh(raw / softcap) if softcap is not None else raw
+                # d/dx c*tanh(x/c) = 1 - tanh²; taken now, because the exp below works in
+                # place on s, which may be the very tensor `capped` (no ALiBi, no mask)
+                dcap = 1 - (capped / softcap) ** 2 if softcap is not None else None
                 s = _finish_scores(capped, masker, slopes, qs, qe, ks, ke, Hkv, G)
                 p = s.sub_(lse_safe[:, :, :, qs:qe]).exp_()
                 vb = vg[:, :, :, ks:ke].to(ct)
                 dv[:, :, ks:ke] += p.reshape(B, Hkv, G * n, ke - ks).transpose(-1, -2) @ dob.reshape(B, Hkv, G * n, Dv)
                 ds = (dob @ vb.transpose(-1, -2)).sub_(delta[:, :, :, qs:qe]).mul_(p)  # P * (dP - delta)
-                if softcap is not None:  # d/dx c*tanh(x/c) = 1 - tanh²
-                    ds.mul_(1 - (capped / softcap) ** 2)
+                if dcap is not None:
+                    ds.mul_(dcap)
                 dq[:, :, :, qs:qe] += ds @ kg[:, :, :, ks:ke].to(ct)
                 dk[:, :, ks:ke] += ds.reshape(B, Hkv, G * n, ke - ks).transpose(-1, -2) @ qb.reshape(B, Hkv, G * n, D)
         dq = (dq * scale).view(B, Hq, Nq, D).to(q.dtype)
@@ -225,7 +229,14 @@ def _finish_scores(s, masker: Masker, slopes, qs, qe, ks, ke, Hkv, G):
 def _tiled_supports(call):
     if call.dropout_p > 0:
         return "the tiled path has no dropout; use impl='sdpa' (or 'reference')"
+    if isinstance(call.options.get("alibi"), torch.Tensor) and call.options["alibi"].requires_grad:
+        return "the tiled path has no gradient for learnable ALiBi slopes; use impl='sdpa' or 'reference'"
     return None
+
+
+def check_softcap(softcap) -> None:
+    if softcap is not None and not (float(softcap) > 0):
+        raise AttentionInputError(f"softcap must be a positive number (or None), got {softcap!r}")
 
 
 def tiled_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
@@ -238,11 +249,14 @@ def tiled_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, 
     """
     if dropout_p > 0:
         raise UnsupportedImpl("impl='tiled' has no dropout; use impl='sdpa' or 'reference'")
+    if isinstance(alibi, torch.Tensor) and alibi.requires_grad:
+        raise UnsupportedImpl("impl='tiled' has no gradient for learnable ALiBi slopes; use impl='sdpa' or 'reference'")
+    check_softcap(softcap)
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     scale = D**-0.5 if scale is None else scale
     masker = make_masker(q, k, causal, mask, key_padding_mask)
-    slopes = resolve_alibi(alibi, Hq, q.device)
+    slopes = resolve_alibi(alibi, Hq, q.device, compute_dtype(q.dtype))
     bq, bk = _tile_sizes(B, Hq, Nq, Nk, block_q, block_k)
     return _TiledSoftmax.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, masker, softcap, slopes, bq, bk)
 
@@ -337,7 +351,7 @@ def step(cache: KVCache, q, k, v, *, scale, impl="auto", alibi=False, softcap=No
         return sdpa_attention(q, keys, values, causal=T > 1, scale=scale)
     if impl != "split_k":
         raise UnsupportedImpl(f"softmax decoding impl must be 'auto', 'kv' or 'split_k', got {impl!r}")
-    slopes = resolve_alibi(alibi, Hq, q.device)
+    slopes = resolve_alibi(alibi, Hq, q.device, compute_dtype(q.dtype))
     offset = L - T
 
     def score_fn(s, key_idx):  # s: (B, Hkv, G, splits, T, C); key_idx: (splits, 1, C)
@@ -376,6 +390,7 @@ register(
         memory="O(N·block) tiled, O(N^2) reference",
         dropout=True,
         decoding=True,
+        step_impls=("kv", "split_k"),
         state_size="KV cache: 2·Hkv·N·D per sequence",
         init_state=init_state,
         step=step,
