@@ -125,3 +125,17 @@ def test_bench_options_reach_the_method():
         cli.parse_options(["windw=3"], ["sliding_window"])
     case = eff.BenchCase("sliding_window", "auto", 64, "fwd", heads=1, head_dim=8, repeats=1, options=(("window", 8),))
     assert eff.run_case(case, isolate=False).status == "ok"
+
+
+def test_stats_collect_only_inside_the_block():
+    from attnzoo import stats
+
+    stats.report("density", 0.5)  # nobody collecting: dropped
+    assert not stats.active()
+    with stats.collect() as outer:
+        stats.report("density", 0.25)
+        with stats.collect() as inner:
+            assert stats.active()
+            stats.report("density", 0.75)
+    assert outer == {"density": [0.25, 0.75]} and inner == {"density": [0.75]}
+    assert not stats.active()
