@@ -122,3 +122,20 @@ def test_block_sparse_errors():
         az.attention(q, q, q, method="block_sparse")
     with pytest.raises(az.AttentionInputError, match=r"layout must have shape \(1 or Hq, ceil\(Nq/block\), ceil\(Nk/block\)\) = \(1 or 2, 4, 4\)"):
         az.attention(q, q, q, method="block_sparse", layout=torch.ones(1, 3, 3, dtype=torch.bool), block_size=16)
+
+
+def test_kernel_takes_per_sequence_layouts():
+    """Content-routed methods select different blocks per sequence: (B, H, nqb, K) indices."""
+    from attnzoo.methods._blocksparse import block_indices, block_sparse_attention
+
+    q, k, v = (torch.randn(2, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+    lay = torch.zeros(2, 2, 5, 5, dtype=torch.bool)
+    lay[0, :, :, 0] = True  # sequence 0: every query block sees key block 0 only
+    lay[1] = torch.eye(5, dtype=torch.bool)  # sequence 1: the diagonal
+    idx, valid = block_indices(lay)
+    out = block_sparse_attention(q, k, v, idx=idx, valid=valid, block=8, scale=8 ** -0.5)
+    m0 = torch.zeros(40, 40, dtype=torch.bool)
+    m0[:, :8] = True
+    m1 = torch.block_diag(*[torch.ones(8, 8)] * 5).bool()
+    torch.testing.assert_close(out[0], az.attention(q[:1], k[:1], v[:1], mask=m0)[0])
+    torch.testing.assert_close(out[1], az.attention(q[1:], k[1:], v[1:], mask=m1)[0])

@@ -50,7 +50,8 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
     """Softmax attention over the kept blocks.
 
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv).
-    ``idx``/``valid``: (H', nqb, K) with H' in {1, Hq} (see :func:`block_indices`).
+    ``idx``/``valid``: (H', nqb, K) with H' in {1, Hq} (see :func:`block_indices`), or
+    (B', H', nqb, K) with B' in {1, B} for content-dependent (per-sequence) selections.
     ``mask``: bool tensor broadcastable to (B, Hq, Nq, Nk) or a mask_mod;
     ``element_mask(b, h, q_pos, k_pos)``: the method's own pattern (a mask_mod).
     """
@@ -58,7 +59,9 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     nqb, nkb = -(-Nq // block), -(-Nk // block)
-    Hl, _, K = idx.shape
+    if idx.dim() == 3:
+        idx, valid = idx.unsqueeze(0), valid.unsqueeze(0)
+    Bl, Hl, _, K = idx.shape
     ct = compute_dtype(q.dtype)
     offset = Nk - Nq
     qpad = F.pad(q, (0, 0, 0, nqb * block - Nq)) if nqb * block != Nq else q
@@ -69,7 +72,7 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
     infos, plan = {}, []
     for i0 in range(0, nqb, per_seg):
         i1 = min(nqb, i0 + per_seg)
-        seg_idx, seg_valid = idx[:, i0:i1], valid[:, i0:i1]
+        seg_idx, seg_valid = idx[:, :, i0:i1], valid[:, :, i0:i1]
         needed = torch.unique(seg_idx[seg_valid]) if bool(seg_valid.any()) else seg_idx.new_zeros(1)
         local = torch.searchsorted(needed, seg_idx.contiguous()).clamp(max=needed.numel() - 1)
         keys = (needed.view(-1, 1) * block + arange_b).reshape(-1)
@@ -82,13 +85,13 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
         nb, sbq = needed.numel(), (qe - qs) // block
         kb = kb.to(ct).view(B, Hkv, 1, nb, block, D).expand(B, Hkv, G, nb, block, D).reshape(B, Hq, nb, block, D)
         vb = vb.to(ct).view(B, Hkv, 1, nb, block, Dv).expand(B, Hkv, G, nb, block, Dv).reshape(B, Hq, nb, block, Dv)
-        gi = local.reshape(1, Hl, sbq * K, 1, 1)
+        gi = local.reshape(Bl, Hl, sbq * K, 1, 1)
         kg = torch.gather(kb, 2, gi.expand(B, Hq, sbq * K, block, D)).view(B, Hq, sbq, K * block, D)
         vg = torch.gather(vb, 2, gi.expand(B, Hq, sbq * K, block, Dv)).view(B, Hq, sbq, K * block, Dv)
         s = (qb.to(ct).view(B, Hq, sbq, block, D) @ kg.transpose(-1, -2)) * scale
-        key_pos = (needed[local] * block).unsqueeze(-1) + arange_b  # (Hl, sbq, K, block)
-        slot_ok = seg_valid.unsqueeze(-1).expand_as(key_pos).reshape(1, Hl, sbq, 1, K * block)
-        kp = key_pos.reshape(1, Hl, sbq, 1, K * block)
+        key_pos = (needed[local] * block).unsqueeze(-1) + arange_b  # (Bl, Hl, sbq, K, block)
+        slot_ok = seg_valid.unsqueeze(-1).expand_as(key_pos).reshape(Bl, Hl, sbq, 1, K * block)
+        kp = key_pos.reshape(Bl, Hl, sbq, 1, K * block)
         qp = (qs + torch.arange(qe - qs, device=q.device)).view(1, 1, sbq, block, 1)
         ok = slot_ok & (kp < Nk)
         if causal:
