@@ -80,7 +80,7 @@ def cmd_bench(args) -> int:
     options = parse_options(args.option, [m for m, _ in methods])
     cases = eff.build_cases(methods, lengths, modes, patterns, args.dtype, batch=args.batch, heads=args.heads,
                             kv_heads=args.kv_heads, head_dim=args.head_dim, repeats=args.repeats,
-                            options_for=lambda name: options.get(name, ()))
+                            options_for=lambda name: options.get(name, ()), error=args.error)
     console = _console()
     console.print(f"[bold]attnzoo bench[/]: {len(cases)} cases, B={args.batch} H={args.heads} D={args.head_dim} "
                   f"{args.dtype}, median of {args.repeats}, each case in its own process; machine: "
@@ -186,13 +186,17 @@ def results_table(results) -> Table:
     ratio = eff.ratios(results)
     table = Table(title="time (ms, median) and peak memory above inputs (MiB); ratio = time / torch SDPA, same run")
     for c in ("pattern", "N", "method", "impl", "fwd ms", "fwd ratio", "fwd MiB", "fwd+bwd ms", "f+b ratio",
-              "f+b MiB"):
+              "f+b MiB", "density", "max err"):
         table.add_column(c, justify="right" if c not in ("pattern", "method", "impl") else "left")
     rows = {}
     for r in results:
         c = r.case
         key = (c.pattern, c.seq_len, c.label)
-        row = rows.setdefault(key, {"impl": r.impl_used or c.impl})
+        row = rows.setdefault(key, {"impl": r.impl_used or c.impl, "density": "", "max err": ""})
+        if r.density is not None:
+            row["density"] = f"{r.density:.3f}"
+        if r.max_error is not None:
+            row["max err"] = f"{r.max_error:.2e}"
         if r.status != "ok":
             row[c.mode] = (r.status.upper(), "", "")
         else:
@@ -202,7 +206,7 @@ def results_table(results) -> Table:
     for (pattern, n, label), row in rows.items():
         f = row.get("fwd", ("", "", ""))
         fb = row.get("fwd+bwd", ("", "", ""))
-        table.add_row(pattern, str(n), label.split(":")[0], row["impl"], *f, *fb)
+        table.add_row(pattern, str(n), label.split(":")[0], row["impl"], *f, *fb, row["density"], row["max err"])
     return table
 
 
@@ -229,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-limit", type=float, default=None, help="MiB of address space per case (RLIMIT_AS)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     b.add_argument("--out", default=None, help="append one JSON record per case to this file")
+    b.add_argument("--error", action="store_true",
+                   help="also report each output's max error against exact softmax (SDPA) on the same inputs")
     b.add_argument("--option", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
                    help="a method option, e.g. window=256 or neighborhood.grid=(128,128); repeatable")
     b.add_argument("--decode-positions", default="", help="also time one decode step after prefills of these "

@@ -139,3 +139,12 @@ def test_stats_collect_only_inside_the_block():
             stats.report("density", 0.75)
     assert outer == {"density": [0.25, 0.75]} and inner == {"density": [0.75]}
     assert not stats.active()
+
+
+def test_bench_reports_error_against_softmax():
+    case = eff.BenchCase("softmax", "tiled", 64, "fwd", heads=2, head_dim=8, repeats=1, error=True)
+    exact = eff.run_case(case, isolate=False)
+    assert exact.status == "ok" and exact.max_error < 1e-5
+    approx = eff.run_case(eff.BenchCase("linear", "auto", 64, "fwd", heads=2, head_dim=8, repeats=1, error=True),
+                          isolate=False)
+    assert approx.max_error > 1e-3  # linear attention is not softmax

@@ -43,6 +43,7 @@ class BenchCase:
     head_dim: int = 64
     repeats: int = 3
     options: tuple = ()  # method options as (name, value) pairs
+    error: bool = False  # also measure the output's error against exact softmax (SDPA)
 
     @property
     def label(self) -> str:
@@ -57,6 +58,8 @@ class BenchResult:
     peak_mib: Optional[float] = None
     impl_used: Optional[str] = None
     error: Optional[str] = None
+    density: Optional[float] = None  # fraction of the visible keys used, when the method reports it
+    max_error: Optional[float] = None  # max |out - softmax(q, k, v)|, with BenchCase.error
 
     @property
     def median_s(self) -> Optional[float]:
@@ -65,7 +68,8 @@ class BenchResult:
     def record(self) -> dict:
         out = asdict(self.case)
         out.update(status=self.status, times_s=self.times_s, median_s=self.median_s, peak_mib=self.peak_mib,
-                   impl_used=self.impl_used, error=self.error, label=self.case.label)
+                   impl_used=self.impl_used, error=self.error, label=self.case.label, density=self.density,
+                   max_error=self.max_error)
         return out
 
 
@@ -156,16 +160,32 @@ def measure(case: BenchCase) -> dict:
             with torch.no_grad():
                 call(q, k, v)
 
+    from .. import stats
+
     reset_peak_rss()
     base = rss_mib()
-    once()
+    with stats.collect() as collected:
+        once()
     peak = max(0.0, peak_rss_mib() - base)
+    density = statistics.fmean(collected["density"]) if collected.get("density") else None
+    max_error = None
+    if case.error:
+        import torch.nn.functional as F
+
+        causal = case.pattern.startswith("causal")
+        with torch.no_grad():
+            out = call(q, k, v).float()
+            Nq, Nk = q.shape[2], k.shape[2]
+            mask = torch.ones(Nq, Nk, dtype=torch.bool).tril(diagonal=Nk - Nq) if causal else None
+            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   enable_gqa=k.shape[1] != q.shape[1])
+            max_error = float((out - exact).abs().max())
     times = []
     for _ in range(case.repeats):
         t0 = time.perf_counter()
         once()
         times.append(time.perf_counter() - t0)
-    return {"times_s": times, "peak_mib": peak, "impl_used": used}
+    return {"times_s": times, "peak_mib": peak, "impl_used": used, "density": density, "max_error": max_error}
 
 
 def run_case(case: BenchCase, timeout: float = 600.0, isolate: bool = True, memory_limit_mib=None) -> BenchResult:
@@ -181,7 +201,7 @@ def run_case(case: BenchCase, timeout: float = 600.0, isolate: bool = True, memo
 
 
 def build_cases(methods: list, lengths: Iterable[int], modes: Iterable[str], patterns: Iterable[str], dtype: str,
-                options_for=lambda name: (), **common) -> list[BenchCase]:
+                options_for=lambda name: (), **common) -> list[BenchCase]:  # common: BenchCase fields
     """The baseline first at every length, then every method; skips patterns a method lacks.
     ``options_for(name)`` gives a method's options as (name, value) pairs."""
     cases = []
