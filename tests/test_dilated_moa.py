@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo as az
 from attnzoo import decoding, masks
 from attnzoo.methods import dilated, moa
+
+from helpers import LargestTensor
 
 
 def brute(allowed, heads, nq, nk):
@@ -264,26 +265,13 @@ def test_option_errors():
 # ------------------------------------------------------------------------------ memory
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("method,opts", [("dilated", {"window": 64, "dilations": (1, 8)}),
                                          ("moa", {"alpha": (64, 512), "sinks": 4})])
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_never_allocates_n_by_n(method, opts, causal):
     N, D = 8192, 16  # large enough that the kernel's 4 Mi-element segment cap is far below N²/4
     q, k, v = (torch.randn(1, 2, N, D, requires_grad=True) for _ in range(3))
-    probe = _LargestTensor()
+    probe = LargestTensor()
     with probe:
         out = az.attention(q, k, v, method=method, causal=causal, impl="block", **opts)
         out.sum().backward()

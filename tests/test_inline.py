@@ -20,10 +20,11 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo as az
 from attnzoo import decoding
+
+from helpers import LargestTensor
 
 inline = importlib.import_module("attnzoo.methods.inline")
 
@@ -286,28 +287,13 @@ def test_bad_options_raise():
         az.attention(q, k, v, method="inline", mask=torch.ones(4, 6, dtype=torch.bool))
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_chunk_never_allocates_n_by_n(causal):
     N, D = 2048, 16
     q, k, v = (torch.randn(1, 1, N, D, requires_grad=True) for _ in range(3))
     w = torch.randn(1, D, 3, requires_grad=True)
     for impl, small in (("chunk", True), ("reference", False)):
-        probe = _LargestTensor()
+        probe = LargestTensor()
         with probe:
             call(q, k, v, impl, causal=causal, local_weight=w).sum().backward()
         assert (probe.largest < N * N // 16) if small else (probe.largest >= N * N), (impl, probe.largest)

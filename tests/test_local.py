@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo as az
 from attnzoo import decoding, masks
 from attnzoo.methods import block_sparse
+
+from helpers import LargestTensor
 
 
 def brute(fn, nq, nk):
@@ -74,25 +75,12 @@ def test_sliding_window_decoding_keeps_w_plus_s_tokens(sinks):
     assert max(sizes) == w + sinks and sizes[-1] == w + sinks
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("method,opts", [("sliding_window", {"window": 128, "sinks": 4}),
                                          ("block_sparse", {"layout": block_sparse.random_layout(0.05, 1)})])
 def test_block_kernel_never_allocates_n_by_n(method, opts):
     N, D = 8192, 16  # large enough that the kernel's 4 Mi-element segment cap is far below N²/4
     q, k, v = (torch.randn(1, 1, N, D, requires_grad=True) for _ in range(3))
-    probe = _LargestTensor()
+    probe = LargestTensor()
     with probe:
         out = az.attention(q, k, v, method=method, causal=True, impl="block", **opts)
         out.sum().backward()

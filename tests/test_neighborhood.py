@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnzoo as az
 from attnzoo import decoding
@@ -19,6 +17,8 @@ from attnzoo.masks import (
     flex_available,
     neighborhood_mask,
 )
+
+from helpers import LargestTensor
 
 # ------------------------------------------------------------------ brute force (loops)
 
@@ -335,21 +335,6 @@ def test_decoding_equals_causal_forward_with_bounded_cache(kernel_size, dilation
 
 
 # ----------------------------------------------------------------------- (e) no N×N
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def _forward_backward(n, impl, causal=False):

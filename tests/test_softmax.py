@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo as az
 from attnzoo import masks
+
+from helpers import LargestTensor
 
 IMPLS = ["reference", "sdpa", "tiled"]
 
@@ -160,21 +161,6 @@ def test_mask_mod_in_tiled_equals_dense():
     torch.testing.assert_close(az.attention(q, k, v, mask=mod, impl="sdpa"), expected)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("method,impl", [("softmax", "tiled"), ("sigmoid", "chunked"), ("clipped_softmax", "chunked")])
 def test_blocked_paths_never_allocate_n_by_n(method, impl):
     """Forward and backward of the blocked paths at N = 2048 create no tensor as large as
@@ -182,7 +168,7 @@ def test_blocked_paths_never_allocate_n_by_n(method, impl):
     N, D = 2048, 16
     q, k, v = (torch.randn(1, 1, N, D, requires_grad=True) for _ in range(3))
     for fast, expect_small in ((impl, True), ("reference", False)):
-        probe = _LargestTensor()
+        probe = LargestTensor()
         with probe:
             opts = {"block_q": 256} if expect_small else {}
             out = az.attention(q, k, v, method=method, causal=True, impl=fast, **opts)

@@ -15,10 +15,11 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo as az
 from attnzoo import decoding
+
+from helpers import LargestTensor
 
 soft = importlib.import_module("attnzoo.methods.softmax_free")
 
@@ -195,26 +196,11 @@ def test_bad_options_raise():
         az.attention(q, q, q, method="softmax_free", mask=torch.ones(5, 5, dtype=torch.bool))
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_nystrom_never_allocates_n_by_n():
     N, D = 2048, 16
     q, k, v = (torch.randn(1, 1, N, D, requires_grad=True) for _ in range(3))
     for impl, small in (("nystrom", True), ("reference", False)):
-        probe = _LargestTensor()
+        probe = LargestTensor()
         with probe:
             call(q, k, v, impl).sum().backward()
         assert (probe.largest < N * N // 16) if small else (probe.largest >= N * N), (impl, probe.largest)
