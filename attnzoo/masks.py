@@ -41,6 +41,7 @@ __all__ = [
     "and_masks",
     "or_masks",
     "dense_mask",
+    "tensor_mask",
     "block_layout",
     "block_mask",
     "flex_available",
@@ -188,6 +189,20 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
         return out
 
     return or_mask
+
+
+def tensor_mask(mask: torch.Tensor) -> MaskMod:
+    """A dense bool mask broadcastable to ``(B, H, Nq, Nk)`` as a mask_mod (indexing it;
+    size-1 axes are broadcast), so it composes with other mask_mods and FlexAttention."""
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+
+    def dense(b, h, q_idx, kv_idx):
+        return m[b if m.shape[0] > 1 else 0, h if m.shape[1] > 1 else 0,
+                 q_idx if m.shape[2] > 1 else 0, kv_idx if m.shape[3] > 1 else 0]
+
+    return dense
 
 
 def dense_mask(

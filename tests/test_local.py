@@ -127,3 +127,25 @@ def test_kernel_takes_per_sequence_layouts():
     m1 = torch.block_diag(*[torch.ones(8, 8)] * 5).bool()
     torch.testing.assert_close(out[0], az.attention(q[:1], k[:1], v[:1], mask=m0)[0])
     torch.testing.assert_close(out[1], az.attention(q[1:], k[1:], v[1:], mask=m1)[0])
+
+
+@pytest.mark.skipif(not masks.flex_available(), reason="FlexAttention missing from this torch build")
+def test_flex_paths_of_pattern_methods_equal_their_references():
+    """Every pattern-defined method's FlexAttention path (compiled; CPU inference) runs the
+    same mask_mod as its reference (one shape for all, so one compilation)."""
+    q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
+    kpm = torch.ones(1, 256, dtype=torch.bool)
+    kpm[0, 200:] = False
+    cases = [
+        ("sliding_window", {"window": 40, "sinks": 3}, True),
+        ("block_sparse", {"layout": block_sparse.random_layout(0.4, 2), "block_size": 32}, True),
+        ("dilated", {"window": 8, "dilations": (1, 3)}, True),
+        ("moa", {"alpha": (16, 64), "sinks": 2}, False),
+        ("neighborhood", {"kernel_size": 5, "grid": (16, 16)}, False),
+    ]
+    with torch.no_grad():
+        for method, opts, causal in cases:
+            expected = az.attention(q, k, v, method=method, causal=causal, key_padding_mask=kpm, impl="reference",
+                                    **opts)
+            got = az.attention(q, k, v, method=method, causal=causal, key_padding_mask=kpm, impl="flex", **opts)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5, msg=method)

@@ -102,6 +102,20 @@ def block_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, 
                                   mask=mask, key_padding_mask=key_padding_mask)
 
 
+def flex_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+                   return_weights=False, layout=None, block_size: int = 64):
+    """FlexAttention with the layout as a mask_mod (inference on CPU)."""
+    B, Hq, Nq, _ = q.shape
+    lay = resolve_layout(layout, mask, B, Hq, Nq, k.shape[2], block_size, q.device)
+    bs = int(block_size)
+
+    def in_layout(b, h, q_idx, kv_idx):
+        return lay[h if lay.shape[0] > 1 else 0, q_idx // bs, kv_idx // bs]
+
+    return softmax.flex_with_pattern(q, k, v, in_layout, causal=causal, mask=mask,
+                                     key_padding_mask=key_padding_mask, scale=scale)
+
+
 register(
     MethodSpec(
         name="block_sparse",
@@ -109,7 +123,9 @@ register(
         summary="softmax over the kept tiles of a block layout (given, or built from a mask_mod)",
         paper="Generating Long Sequences with Sparse Transformers",
         reference=reference,
-        impls=[Impl("block", block_attention, mask_mod=True, description="only the kept tiles, O(N·K·block)")],
+        impls=[Impl("block", block_attention, mask_mod=True, description="only the kept tiles, O(N·K·block)"),
+               Impl("flex", flex_attention, supports=softmax._flex_supports, mask_mod=True,
+                    description="FlexAttention with the layout as a mask_mod (CPU: inference only)")],
         exact=False,
         time="O(N K b D)",
         memory="O(N K b)",

@@ -158,6 +158,15 @@ def block_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, 
 # ---------------------------------------------------------------------------- decoding
 
 
+def flex_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+                   return_weights=False, window: int = 64, dilations=DEFAULT_DILATIONS):
+    """FlexAttention with the same mask_mod (inference on CPU)."""
+    _check(window, dilations)
+    pattern = _pattern(causal, window, dilations, q.shape[2], k.shape[2])
+    return softmax.flex_with_pattern(q, k, v, pattern, causal=causal, mask=mask, key_padding_mask=key_padding_mask,
+                                     scale=scale)
+
+
 def cache_tokens(window: int, dilations) -> int:
     """Tokens the decoding cache keeps: ``max_h(r_h)·(w-1) + 1`` (the farthest any head looks back)."""
     return int(_head_values(dilations, "dilations").max()) * (int(window) - 1) + 1
@@ -202,7 +211,9 @@ register(
         reference=reference,
         impls=[Impl("block", block_attention, mask_mod=True,
                     description="block-sparse kernel over the key blocks each head's dilated window touches, "
-                                "O(N·w·min(r, block))")],
+                                "O(N·w·min(r, block))"),
+               Impl("flex", flex_attention, supports=softmax._flex_supports, mask_mod=True,
+                    description="FlexAttention with the same mask_mod (CPU: inference only)")],
         exact=False,
         time="O(N w min(r,b) D)",
         memory="O(N w min(r,b))",

@@ -175,6 +175,16 @@ class MoACache(WindowCache):
         self.max_len = max_len
 
 
+def flex_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+                   return_weights=False, alpha=DEFAULT_ALPHA, beta=0.0, sinks: int = 0):
+    """FlexAttention with the same mask_mod (inference on CPU)."""
+    _check(alpha, beta, sinks)
+    spans = head_spans(alpha, beta, q.shape[1], k.shape[2], q.device)
+    pattern = _pattern(causal, spans, sinks, q.shape[2], k.shape[2])
+    return softmax.flex_with_pattern(q, k, v, pattern, causal=causal, mask=mask, key_padding_mask=key_padding_mask,
+                                     scale=scale)
+
+
 def _decode_spans(alpha, beta, heads: int, max_len: Optional[int]) -> torch.Tensor:
     if bool((_values(beta, "beta") != 0).any()):
         if max_len is None:
@@ -323,7 +333,9 @@ register(
         reference=reference,
         impls=[Impl("block", block_attention, mask_mod=True,
                     description="block-sparse kernel over a per-head layout of the key blocks each head's "
-                                "window touches, O(N·w_max)")],
+                                "window touches, O(N·w_max)"),
+               Impl("flex", flex_attention, supports=softmax._flex_supports, mask_mod=True,
+                    description="FlexAttention with the same mask_mod (CPU: inference only)")],
         exact=False,
         time="O(N w_max D)",
         memory="O(N w_max)",

@@ -122,6 +122,22 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
                              return_weights=return_weights)
 
 
+def _flex_supports(call):
+    from .softmax import _flex_supports as softmax_flex_supports
+
+    return softmax_flex_supports(call)
+
+
+def flex_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+                   return_weights=False, kernel_size=7, dilation=1, grid=None):
+    """FlexAttention with the same mask_mod (inference on CPU)."""
+    from .softmax import flex_with_pattern
+
+    pattern = _mask_mod(q, k, causal, kernel_size, dilation, grid)
+    return flex_with_pattern(q, k, v, pattern, causal=causal, mask=mask, key_padding_mask=key_padding_mask,
+                             scale=scale)
+
+
 # ---------------------------------------------------------------------------- gather
 
 
@@ -387,7 +403,9 @@ register(
         reference=reference,
         impls=[Impl("gather", gather_attention, mask_mod=True,
                     description="gather each query's k (k²) neighbours by index; analytic backward with index_add, "
-                                "O(N·k) memory, never N×N")],
+                                "O(N·k) memory, never N×N"),
+               Impl("flex", flex_attention, supports=_flex_supports, mask_mod=True,
+                    description="FlexAttention with the same mask_mod (CPU: inference only)")],
         patterns=("noncausal_self", "causal_self"),
         exact=False,
         time="O(N k D) 1-D, O(N k² D) 2-D",

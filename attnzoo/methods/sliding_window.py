@@ -90,6 +90,15 @@ def block_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, 
                                   element_mask=_pattern(causal, window, sinks, Nq, Nk))
 
 
+def flex_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
+                   return_weights=False, window: int = 256, sinks: int = 0):
+    """FlexAttention with the same mask_mod (inference on CPU)."""
+    _check(window, sinks)
+    pattern = _pattern(causal, window, sinks, q.shape[2], k.shape[2])
+    return softmax.flex_with_pattern(q, k, v, pattern, causal=causal, mask=mask, key_padding_mask=key_padding_mask,
+                                     scale=scale)
+
+
 class WindowCache:
     """The sinks and a ring buffer of the last ``window`` keys/values: ``w + s`` tokens."""
 
@@ -139,7 +148,9 @@ register(
         paper="Efficient Streaming Language Models with Attention Sinks",
         reference=reference,
         impls=[Impl("block", block_attention, mask_mod=True,
-                    description="block-sparse kernel over the window's key blocks, O(N·w)")],
+                    description="block-sparse kernel over the window's key blocks, O(N·w)"),
+               Impl("flex", flex_attention, supports=softmax._flex_supports, mask_mod=True,
+                    description="FlexAttention with the same mask_mod (CPU: inference only)")],
         exact=False,
         time="O(N w D)",
         memory="O(N w)",

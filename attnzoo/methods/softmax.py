@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..decoding import KVCache, split_k_attention
 from ..errors import AttentionInputError, UnsupportedImpl
-from ..masks import flex_available
+from ..masks import and_masks, flex_available, tensor_mask
 from ..registry import Impl, MethodSpec, register
 from ._common import Masker, alibi_bias, compute_dtype, group_mask, make_masker, masked_softmax, repeat_kv, resolve_alibi
 
@@ -293,15 +293,13 @@ def flex_attention_impl(q, k, v, *, causal=False, mask=None, key_padding_mask=No
     masker = make_masker(q, k, causal, mask, key_padding_mask)
     block_mask = None
     if not masker.trivial:
-        dense = mask
+        user = None if mask is None else (mask if callable(mask) else tensor_mask(mask))
         kpm = key_padding_mask
 
         def mask_mod(b, h, qi, ki):
             ok = (ki <= qi + offset) if causal else (ki >= 0)
-            if dense is not None:
-                d = dense
-                ok = ok & d[b if d.shape[0] > 1 else 0, h if d.shape[1] > 1 else 0,
-                            qi if d.shape[2] > 1 else 0, ki if d.shape[3] > 1 else 0]
+            if user is not None:
+                ok = ok & user(b, h, qi, ki)
             if kpm is not None:
                 ok = ok & kpm[b, ki]
             return ok
@@ -322,6 +320,14 @@ def flex_attention_impl(q, k, v, *, causal=False, mask=None, key_padding_mask=No
     if not masker.trivial:  # rows with nothing visible: flex leaves 0 (its lse is -inf); keep the contract explicit
         out = torch.nan_to_num(out, nan=0.0)
     return out
+
+
+def flex_with_pattern(q, k, v, pattern, *, causal, mask, key_padding_mask, scale):
+    """FlexAttention restricted to a method's own pattern (a mask_mod) and the user's mask:
+    the inference path of the pattern-defined (local, sparse) methods."""
+    if mask is not None:
+        pattern = and_masks(pattern, mask if callable(mask) else tensor_mask(mask))
+    return flex_attention_impl(q, k, v, causal=causal, mask=pattern, key_padding_mask=key_padding_mask, scale=scale)
 
 
 # -------------------------------------------------------------------------- decoding
@@ -382,7 +388,7 @@ register(
                  fudge=SDPA_FUDGE),
             Impl("tiled", tiled_attention, supports=_tiled_supports, mask_mod=True,
                  description="FlashAttention online softmax in blocks, O(N·block) memory, custom backward"),
-            Impl("flex", flex_attention_impl, supports=_flex_supports,
+            Impl("flex", flex_attention_impl, supports=_flex_supports, mask_mod=True,
                  description="compiled FlexAttention (CPU: inference only)"),
         ],
         exact=True,
