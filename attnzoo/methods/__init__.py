@@ -15,3 +15,6 @@ from . import block_sparse  # noqa: F401
 from . import neighborhood  # noqa: F401
 from . import dilated  # noqa: F401
 from . import moa  # noqa: F401
+from . import combiner  # noqa: F401
+from . import landmark  # noqa: F401
+from . import hip  # noqa: F401
