@@ -18,3 +18,5 @@ from . import moa  # noqa: F401
 from . import combiner  # noqa: F401
 from . import landmark  # noqa: F401
 from . import hip  # noqa: F401
+from . import routing  # noqa: F401
+from . import bilevel_routing  # noqa: F401
