@@ -9,7 +9,8 @@ mode="topk" (inference, the default): query ``i`` attends with ordinary softmax 
 keys of the ``topk`` candidate blocks with the highest ``q_i · L_b`` plus its own block
 (candidates: causal ``b < o``, noncausal ``b != o``), then causal / padding / mask at
 element level. Work O(N·(N/block)·D) for the landmark scores (as in the paper: every
-token scores every landmark) plus O(N·(topk+1)·block·D) for the attention itself.
+token scores every landmark) plus O(N·(topk+1)·block·D) for the attention itself
+(each segment of queries also copies the union of its blocks, at most Nk keys).
 
 mode="grouped" (training, the paper's grouped softmax): one softmax over the own
 block's visible keys and the landmark scores of the candidate blocks; the mass of
@@ -23,6 +24,8 @@ Judgement calls:
 - [J] The landmark of a block is the mean of its (real, non-padded) keys — the paper
   trains a landmark token instead; a tensor ``landmarks (B, Hkv, nblocks, D)`` can be
   given. A block with no real key has no landmark and is never a candidate.
+- [J] Grouped mode: a candidate block takes part in the group only when the query may
+  see one of its keys (causal, padding, user mask), so masked blocks get no mass.
 - [J] Own block "with gate 1" is read as the paper has it: the current block's keys are
   in the same softmax group as the landmarks (so the weights sum to one).
 - [J] Selection is per query (per token, as the paper retrieves at inference), not per
