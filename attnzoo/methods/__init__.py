@@ -20,3 +20,5 @@ from . import landmark  # noqa: F401
 from . import hip  # noqa: F401
 from . import routing  # noqa: F401
 from . import bilevel_routing  # noqa: F401
+from . import seer  # noqa: F401
+from . import recycled  # noqa: F401
