@@ -125,6 +125,10 @@ def test_bench_options_reach_the_method():
         cli.parse_options(["windw=3"], ["sliding_window"])
     case = eff.BenchCase("sliding_window", "auto", 64, "fwd", heads=1, head_dim=8, repeats=1, options=(("window", 8),))
     assert eff.run_case(case, isolate=False).status == "ok"
+    # a learnable method's constructor options (routing's cluster count) build its module
+    case = eff.BenchCase("routing", "auto", 64, "fwd", heads=1, head_dim=8, repeats=1, options=(("num_clusters", 2),))
+    result = eff.run_case(case, isolate=False)
+    assert result.status == "ok", result.error
 
 
 def test_stats_collect_only_inside_the_block():

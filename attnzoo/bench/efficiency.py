@@ -124,7 +124,12 @@ def _runner(case: BenchCase):
     options = dict(case.options)
     module = None
     if spec.module is not None:
-        module = spec.module(heads=case.heads, kv_heads=case.kv_heads or case.heads, head_dim=case.head_dim)
+        import inspect
+
+        # options the module's constructor takes (e.g. routing's num_clusters) build it; the rest go to the call
+        ctor = set(inspect.signature(spec.module.__init__).parameters) - {"self", "heads", "kv_heads", "head_dim"}
+        built = {name: options.pop(name) for name in list(options) if name in ctor}
+        module = spec.module(heads=case.heads, kv_heads=case.kv_heads or case.heads, head_dim=case.head_dim, **built)
 
     def call(q, k, v):
         if module is not None:
