@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
 
 bench: $(STAMP)
-	$(PY) -m attnzoo bench --out bench-results/bench.jsonl
+	$(PY) -m attnzoo bench --lengths 2048 --repeats 2 --out bench-results/bench.jsonl
 
 readme: $(STAMP)
 	$(PY) -m attnzoo.readme

@@ -151,6 +151,7 @@ class MethodSpec:
     query: str = "tokens"
     rows_independent: bool = True
     step_impls: tuple = ()  # named decoding implementations ``step(impl=...)`` accepts besides "auto"
+    bench_options: dict = field(default_factory=dict)  # options the benchmark needs (e.g. a block layout)
 
     def __post_init__(self) -> None:
         unknown = set(self.patterns) - set(PATTERNS)

@@ -217,8 +217,10 @@ def build_cases(methods: list, lengths: Iterable[int], modes: Iterable[str], pat
                 for name, impl in pairs:
                     if name != BASELINE and pattern not in registry.get(name).patterns:
                         continue
+                    opts = {} if name == BASELINE else dict(registry.get(name).bench_options)
+                    opts.update(dict(options_for(name)))
                     cases.append(BenchCase(name, impl, int(n), mode, pattern=pattern, dtype=dtype,
-                                           options=tuple(options_for(name)), **common))
+                                           options=tuple(opts.items()), **common))
     return cases
 
 

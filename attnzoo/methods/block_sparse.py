@@ -18,7 +18,8 @@ No decoding form: a layout is fixed to a block grid of the full length.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 
@@ -29,19 +30,26 @@ from . import softmax
 from ._blocksparse import block_indices, block_sparse_attention
 
 
-def random_layout(density: float, seed: int = 0) -> Callable:
+@dataclass(frozen=True)
+class RandomLayout:
     """A layout function ``(heads, nqb, nkb) -> bool`` keeping each tile with probability
-    ``density`` (deterministic in ``seed``), with the diagonal tiles always kept."""
+    ``density`` (deterministic in ``seed``), with the diagonal tiles always kept. A
+    picklable object, so benchmark workers can receive it."""
 
-    def make(heads: int, nqb: int, nkb: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(int(seed))
-        lay = torch.rand(heads, nqb, nkb, generator=g) < density
+    density: float
+    seed: int = 0
+
+    def __call__(self, heads: int, nqb: int, nkb: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(self.seed))
+        lay = torch.rand(heads, nqb, nkb, generator=g) < self.density
         d = torch.arange(min(nqb, nkb))
         lay[:, d, d] = True
         return lay
 
-    make.__name__ = f"random_layout({density}, seed={seed})"
-    return make
+
+def random_layout(density: float, seed: int = 0) -> RandomLayout:
+    """See :class:`RandomLayout`."""
+    return RandomLayout(float(density), int(seed))
 
 
 def resolve_layout(layout, mask, B, Hq, Nq, Nk, block, device) -> torch.Tensor:
@@ -131,5 +139,6 @@ register(
         memory="O(N K b)",
         decoding=False,
         test_options={"layout": random_layout(0.5, seed=0), "block_size": 16},
+        bench_options={"layout": random_layout(0.1, seed=0)},
     )
 )
