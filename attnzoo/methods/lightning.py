@@ -24,7 +24,7 @@ O(N·C + D²) per head; decoding keeps the D×Dv state, constant in N.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,6 @@ Decoding keeps the sinks and a ring buffer of the last ``window`` keys: memory
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
