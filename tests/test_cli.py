@@ -152,3 +152,13 @@ def test_bench_reports_error_against_softmax():
     approx = eff.run_case(eff.BenchCase("linear", "auto", 64, "fwd", heads=2, head_dim=8, repeats=1, error=True),
                           isolate=False)
     assert approx.max_error > 1e-3  # linear attention is not softmax
+
+
+def test_readme_quick_start_runs():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python") + len("```python")
+    code = text[start:text.index("```", start)]
+    namespace: dict = {}
+    exec(compile(code, "README.md quick start", "exec"), namespace)
+    y, y_t = namespace["y"], namespace["y_t"]
+    torch.testing.assert_close(torch.cat(y_t, dim=1), y, atol=1e-4, rtol=1e-4)  # decoding equals the forward
