@@ -443,3 +443,25 @@ def test_recall_of_a_planted_needle_with_under_ten_percent_of_the_keys(method, i
     k_plain[0, 0, j_star] = torch.randn(64, generator=torch.Generator().manual_seed(9))
     out2 = az.attention(q, k_plain, v, method=method, impl=impl, causal=True, **opts)
     assert torch.nn.functional.cosine_similarity(out2[0, 0, i_star], v[0, 0, j_star], dim=0) < 0.5
+
+
+def test_hip_takes_a_mask_mod_without_densifying_it():
+    """Review regression: the fast path evaluates a mask_mod per kept tile (no N×N mask)."""
+    from attnzoo import masks as azm
+    from helpers import LargestTensor
+
+    g = torch.Generator().manual_seed(3)
+    N = 4096
+    q, k, v = (torch.randn(1, 1, N, 16, generator=g) for _ in range(3))
+    mod = azm.document_mask(torch.arange(N) // 700)
+    probe = LargestTensor()
+    with probe, torch.no_grad():
+        got = az.attention(q, k, v, method="hip", causal=True, mask=mod, impl="block")
+    assert probe.largest < N * N // 4
+    small = slice(0, 300)
+    ref = az.attention(q[:, :, small], k[:, :, small], v[:, :, small], method="hip", causal=True,
+                       mask=azm.document_mask(torch.arange(300) // 70), impl="reference")
+    fast = az.attention(q[:, :, small], k[:, :, small], v[:, :, small], method="hip", causal=True,
+                        mask=azm.document_mask(torch.arange(300) // 70), impl="block")
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=2e-5)
+    assert torch.isfinite(got).all()

@@ -370,3 +370,28 @@ def test_bilevel_density_and_never_allocates_n_by_n():
     with torch.no_grad(), stats.collect() as st:  # noncausal: every query attends exactly topk full regions
         az.attention(q, k, v, method="bilevel_routing", region_size=R, topk=topk, impl="block")
     assert st["density"] == [pytest.approx(topk * R / N, rel=1e-6)]
+
+
+def test_density_counts_real_visible_keys_and_reports_unrouted_queries():
+    """Review regression: density is attended keys over *real* keys the row may see
+    (padding and empty rows excluded); routing also reports the unrouted fraction."""
+    import attnzoo as az
+    from attnzoo import stats
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    kpm = torch.ones(1, 16, dtype=torch.bool)
+    kpm[0, 8:] = False
+    with stats.collect() as rec:  # one cluster holds every token: every real key is attended
+        az.attention(q, k, v, method="routing", key_padding_mask=kpm, num_clusters=1, impl="cluster")
+    assert rec["density"] == [pytest.approx(1.0)] and rec["unrouted"] == [pytest.approx(0.0)]
+    with stats.collect() as rec:  # causal cross with Nq > Nk: rows that see nothing are skipped
+        az.attention(q, k[:, :, :8], v[:, :, :8], method="routing", causal=True, num_clusters=1, impl="cluster")
+    assert rec["density"] == [pytest.approx(1.0)]
+    with stats.collect() as rec:  # bilevel with every region selected
+        az.attention(q, k[:, :, :8], v[:, :, :8], method="bilevel_routing", causal=True, region_size=4, topk=4,
+                     impl="block")
+    assert rec["density"] == [pytest.approx(1.0)]
+    with stats.collect() as rec:
+        az.attention(q, k, v, method="bilevel_routing", key_padding_mask=kpm, region_size=4, topk=4, impl="block")
+    assert rec["density"] == [pytest.approx(1.0)]

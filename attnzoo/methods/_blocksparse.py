@@ -96,17 +96,15 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
         ok = slot_ok & (kp < Nk)
         if causal:
             ok = ok & (kp <= qp + offset)
+        # masks are evaluated at in-range positions only (the padded tail is already excluded
+        # above), so a mask_mod that indexes a per-position tensor never reads past its end
+        qc, kc = qp.clamp(max=Nq - 1), kp.clamp(max=Nk - 1)
+        bi = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
+        hi = torch.arange(Hq, device=q.device).view(1, -1, 1, 1, 1)
         if element_mask is not None:
-            bi = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
-            hi = torch.arange(Hq, device=q.device).view(1, -1, 1, 1, 1)
-            ok = ok & element_mask(bi, hi, qp, kp)
+            ok = ok & element_mask(bi, hi, qc, kc)
         if mask is not None:
-            if isinstance(mask, torch.Tensor):
-                ok = ok & _mask_at(mask, qp.clamp(max=Nq - 1), kp.clamp(max=Nk - 1))
-            else:
-                bi = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
-                hi = torch.arange(Hq, device=q.device).view(1, -1, 1, 1, 1)
-                ok = ok & mask(bi, hi, qp, kp)
+            ok = ok & (_mask_at(mask, qc, kc) if isinstance(mask, torch.Tensor) else mask(bi, hi, qc, kc))
         if key_padding_mask is not None:
             kpm = F.pad(key_padding_mask, (0, nkb * block - Nk))
             ok = ok & kpm[torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1), kp]

@@ -158,6 +158,28 @@ def visible_counts(causal: bool, q_len: int, kv_len: int, device, qs: int = 0, q
     return (pos + 1).clamp(min=1).view(-1, 1)
 
 
+def real_visible_counts(causal: bool, q_len: int, kv_len: int, key_padding_mask: Optional[torch.Tensor], device):
+    """Real (unpadded) keys each query may see under causality: ``(B or 1, 1, Nq)`` float32."""
+    pos = torch.arange(q_len, device=device) + (kv_len - q_len)
+    if key_padding_mask is None:
+        vis = (pos + 1).clamp(min=0, max=kv_len) if causal else torch.full_like(pos, kv_len)
+        return vis.to(torch.float32).view(1, 1, q_len)
+    prefix = torch.cat([key_padding_mask.new_zeros(key_padding_mask.shape[0], 1, dtype=torch.long),
+                        key_padding_mask.long().cumsum(-1)], dim=-1)  # (B, Nk + 1)
+    end = (pos + 1).clamp(min=0, max=kv_len) if causal else torch.full_like(pos, kv_len)
+    return prefix[:, end].to(torch.float32).unsqueeze(1)
+
+
+def mean_density(used: torch.Tensor, visible: torch.Tensor) -> float:
+    """Mean over the rows that can see anything of ``used / visible`` (keys actually
+    attended over real keys visible): the ``density`` sparse methods report."""
+    used, visible = torch.broadcast_tensors(used.to(torch.float32), visible.to(torch.float32))
+    rows = visible > 0
+    if not bool(rows.any()):
+        return 0.0
+    return float((used[rows] / visible[rows]).mean())
+
+
 def rows_per_chunk(batch: int, heads: int, kv_len: int, block_q: Optional[int]) -> int:
     """Query rows per chunk so that one ``(B, H, rows, Nk)`` score block stays under
     :data:`BLOCK_ELEMENTS`."""

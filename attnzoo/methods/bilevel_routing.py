@@ -51,7 +51,7 @@ from ..errors import AttentionInputError, UnsupportedPattern, fmt_shape
 from ..registry import Impl, MethodSpec, register
 from . import softmax
 from ._blocksparse import block_sparse_attention
-from ._common import repeat_kv, visible_counts
+from ._common import mean_density, real_visible_counts, repeat_kv
 
 # ------------------------------------------------------------------------- geometry
 
@@ -201,9 +201,19 @@ def block_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, 
             end = torch.clamp(start + R, max=Nk)
             if causal:
                 end = torch.minimum(end, pos + 1)
-            cnt = ((end - start).clamp(min=0) * valid.repeat_interleave(R, dim=2)[:, :, :Nq]).sum(-1)
-            vis = visible_counts(causal, Nq, Nk, q.device).view(1, 1, Nq)
-            stats.report("density", float((cnt / vis).mean()))
+            end = torch.maximum(end, start)
+            if key_padding_mask is not None:  # count only real keys in [start, end)
+                nb = key_padding_mask.shape[0]
+                prefix = torch.cat([key_padding_mask.new_zeros(nb, 1, dtype=torch.long),
+                                    key_padding_mask.long().cumsum(-1)], dim=-1).view(nb, 1, 1, Nk + 1)
+                prefix = prefix.expand(nb, start.shape[1], Nq, Nk + 1)
+                span = torch.gather(prefix, 3, end.expand(nb, -1, -1, -1)) - torch.gather(
+                    prefix, 3, start.expand(nb, -1, -1, -1))
+            else:
+                span = end - start
+            cnt = (span * valid.repeat_interleave(R, dim=2)[:, :, :Nq]).sum(-1)
+            stats.report("density", mean_density(cnt, real_visible_counts(causal, Nq, Nk, key_padding_mask,
+                                                                          q.device)))
     if perm is not None:
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel())

@@ -243,7 +243,7 @@ register(
         summary="per query block, a tree search keeps the topk key blocks by representative scores",
         paper="HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
         reference=reference,
-        impls=[Impl("block", block_attention,
+        impls=[Impl("block", block_attention, mask_mod=True,  # a mask_mod is evaluated per kept tile
                     description="hierarchical search then the block-sparse kernel, O(N log N + N·k·block)")],
         patterns=("noncausal_self", "causal_self", "causal_cross"),
         exact=False,

@@ -28,7 +28,8 @@ Judgement calls:
   shapes are static; a token may belong to several clusters or to none. A query in no
   cluster (or whose clusters hold no visible key) returns zeros.
 * [J] Padded keys (``key_padding_mask``) rank last in every cluster's key top-k, so they
-  never take a real key's place (and padding never changes the result).
+  never take a real key's place. Padding still changes the result: cluster widths are
+  ``ceil(N/C)`` of the padded lengths and padded query positions take query slots.
 * [J] Membership ties are broken by position (stable sort: the earlier token wins).
   The selection is computed in float32 from detached inputs (float64 inputs rounded to
   float32), under ``torch.no_grad()``: it is not differentiated (k-means is not
@@ -64,7 +65,7 @@ from ..errors import AttentionInputError, fmt_shape
 from ..registry import Impl, MethodSpec, register
 from . import softmax
 from ._blocksparse import _mask_at
-from ._common import compute_dtype, repeat_kv, visible_counts
+from ._common import compute_dtype, mean_density, real_visible_counts, repeat_kv
 
 # ------------------------------------------------------------------------- selection
 
@@ -205,8 +206,11 @@ def cluster_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None
         with torch.no_grad():
             cnt = torch.zeros(B, Hq, Nq, dtype=torch.float32, device=q.device).scatter_add(
                 2, flat_q, ok.sum(-1).reshape(B, Hq, C * wq).to(torch.float32))
-            vis = visible_counts(causal, Nq, Nk, q.device).view(1, 1, Nq)
-            stats.report("density", float((cnt / vis).mean()))
+            stats.report("density", mean_density(cnt, real_visible_counts(causal, Nq, Nk, key_padding_mask,
+                                                                          q.device)))
+            # queries that balanced top-k membership left in no cluster get zeros: say how many
+            routed = torch.zeros(B, Hq, Nq, dtype=torch.bool, device=q.device).scatter_(2, flat_q, True)
+            stats.report("unrouted", float((~routed).float().mean()))
     return out.to(q.dtype)
 
 
