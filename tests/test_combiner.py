@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo as az
 from attnzoo import decoding, stats
 from attnzoo.methods import combiner  # noqa: F401  (registers the method)
+
+from helpers import LargestTensor
 
 
 def loop_formula(q, k, v, causal, s, kpm=None, scale=None):
@@ -240,24 +241,11 @@ def test_density_report_equals_brute_force(causal, nq, nk, s):
     assert rec["density"] == pytest.approx([brute_density(causal, nq, nk, s, kpm)], rel=1e-9)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_fast_path_never_allocates_n_by_n_and_is_sparse(causal):
     N, D = 8192, 16
     q, k, v = (torch.randn(1, 1, N, D, requires_grad=True) for _ in range(3))
-    probe = _LargestTensor()
+    probe = LargestTensor()
     with stats.collect() as rec, probe:
         out = az.attention(q, k, v, method="combiner", causal=causal, impl="block")
         out.sum().backward()

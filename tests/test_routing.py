@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo as az
 from attnzoo import stats
 from attnzoo.methods import bilevel_routing, routing
+
+from helpers import LargestTensor
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
@@ -38,19 +39,6 @@ def grads(fn, q, k, v, seed=5):
     out = fn(q, k, v)
     dout = rand(*out.shape, seed=seed, dtype=out.dtype)
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
-
-
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 # =============================================================================== routing
@@ -207,7 +195,7 @@ def test_routing_module_updates_centroids_by_ema_in_training_only():
 def test_routing_reports_density_and_never_allocates_n_by_n():
     N, D = 8192, 16
     q, k, v = (rand(1, 1, N, D, seed=s, dtype=torch.float32).requires_grad_(True) for s in range(3))
-    probe = _LargestTensor()
+    probe = LargestTensor()
     with stats.collect() as st, probe:
         out = az.attention(q, k, v, method="routing", causal=True, num_clusters=16, impl="cluster")
         out.sum().backward()
@@ -354,7 +342,7 @@ def test_bilevel_padding_never_matters():
 def test_bilevel_density_and_never_allocates_n_by_n():
     N, D, R, topk = 8192, 16, 64, 4
     q, k, v = (rand(1, 1, N, D, seed=s, dtype=torch.float32).requires_grad_(True) for s in range(3))
-    probe = _LargestTensor()
+    probe = LargestTensor()
     with stats.collect() as st, probe:
         out = az.attention(q, k, v, method="bilevel_routing", causal=True, region_size=R, topk=topk, impl="block")
         out.sum().backward()

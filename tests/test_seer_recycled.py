@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo as az
 from attnzoo import stats
 from attnzoo.methods import recycled, seer
+
+from helpers import LargestTensor
 
 # ============================================================================ seer
 
@@ -239,23 +240,10 @@ def test_seer_bad_gate_weights_raise():
         az.attention(q, k, v, method="seer", threshold=2.0)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_seer_never_allocates_n_by_n():
     N, D = 8192, 16
     q, k, v = (torch.randn(1, 1, N, D, requires_grad=True) for _ in range(3))
-    probe = _LargestTensor()
+    probe = LargestTensor()
     with probe, stats.collect() as st:
         out = az.attention(q, k, v, method="seer", causal=True, impl="block", block_size=64, topk=4)
         out.sum().backward()
