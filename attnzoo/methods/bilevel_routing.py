@@ -192,6 +192,12 @@ def block_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, 
             m = mask
             m = m[:, :, p] if m.shape[2] > 1 else m
             mask = m[..., p] if m.shape[3] > 1 else m
+        elif mask is not None:  # a mask_mod: evaluate it at the original (un-permuted) positions
+            mod = mask
+
+            def mask(b, h, q_idx, kv_idx):
+                return mod(b, h, p[q_idx], p[kv_idx])
+
     out = block_sparse_attention(q, k, v, idx=idx, valid=valid, block=R, scale=scale, causal=causal, mask=mask,
                                  key_padding_mask=key_padding_mask)
     if stats.active():
@@ -228,7 +234,7 @@ register(
         summary="BiFormer: region-level top-k routing by mean q/k affinity, token softmax inside the kept regions",
         paper="BiFormer: Vision Transformer with Bi-Level Routing Attention",
         reference=reference,
-        impls=[Impl("block", block_attention,
+        impls=[Impl("block", block_attention, mask_mod=True,  # a mask_mod is evaluated per kept tile
                     description="selected regions as per-sequence blocks of the block-sparse kernel: O(N·topk·R)")],
         exact=False,
         time="O(N topk R D + (N/R)^2 D)",

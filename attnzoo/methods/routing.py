@@ -172,8 +172,12 @@ def cluster_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None
         ok = torch.ones(B, Hq, C, wq, wk, dtype=torch.bool, device=q.device)
         if causal:
             ok &= kp <= qp + offset
-        if mask is not None:
+        if isinstance(mask, torch.Tensor):
             ok &= _mask_at(mask, qp, kp)
+        elif mask is not None:  # a mask_mod, evaluated at the gathered (query, key) pairs only
+            bi = torch.arange(B, device=q.device).view(B, 1, 1, 1, 1)
+            hi = torch.arange(Hq, device=q.device).view(1, Hq, 1, 1, 1)
+            ok &= mask(bi, hi, qp, kp)
         if key_padding_mask is not None:
             ok &= key_padding_mask[torch.arange(B, device=q.device).view(B, 1, 1, 1, 1), kp]
         if C > 1:  # a key already counted for this query in an earlier cluster: drop it here
@@ -281,7 +285,7 @@ register(
         summary="online k-means routing: each query attends the keys of its clusters (balanced top-k)",
         paper="Efficient Content-Based Sparse Attention with Routing Transformers",
         reference=reference,
-        impls=[Impl("cluster", cluster_attention,
+        impls=[Impl("cluster", cluster_attention, mask_mod=True,
                     description="gathered cluster members, per-cluster softmax merged exactly: O(N·N/C) memory")],
         exact=False,
         time="O(N (N/C) D)",
