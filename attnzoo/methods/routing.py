@@ -41,7 +41,8 @@ Judgement calls:
   routed by each of its query heads' centroids. ``centroids=None`` in the functional
   form uses a deterministic initialisation: ``torch.randn(Hq, C, D)`` from
   ``torch.Generator().manual_seed(0)``, unit-normalised (:func:`init_centroids`).
-  ``num_clusters`` defaults to 4, or to ``centroids.shape[1]`` when centroids are given.
+  ``num_clusters`` defaults to round(√max(Nq, Nk)) (the paper's O(N^1.5) regime), or to
+  ``centroids.shape[1]`` when centroids are given; the module's default is 4 (it owns fixed centroids).
 * [J] The EMA update (module, training mode only, after the forward, never
   differentiated) assigns each normalised query and real (non-padded) key to its
   nearest centroid; a centroid with nothing assigned keeps its value.
@@ -55,6 +56,7 @@ Judgement calls:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -79,9 +81,10 @@ def init_centroids(heads: int, num_clusters: int, head_dim: int, seed: int = 0, 
     return F.normalize(mu, dim=-1).to(dtype=dtype, device=device)
 
 
-def _resolve_centroids(centroids, num_clusters, Hq, D, device) -> torch.Tensor:
+def _resolve_centroids(centroids, num_clusters, Hq, D, device, length: int = 16) -> torch.Tensor:
     if centroids is None:
-        C = 4 if num_clusters is None else num_clusters
+        # default ≈ √N clusters: O(N^1.5) time and memory, the paper's regime
+        C = max(1, round(math.sqrt(length))) if num_clusters is None else num_clusters
         if isinstance(C, bool) or not isinstance(C, int) or C < 1:
             raise AttentionInputError(f"num_clusters must be a positive int, got {num_clusters!r}")
         return init_centroids(Hq, C, D, device=device)
@@ -118,7 +121,7 @@ def route(q, k, *, centroids=None, num_clusters=None, key_padding_mask=None):
     _, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     with torch.no_grad():
-        mu = _resolve_centroids(centroids, num_clusters, Hq, D, q.device)
+        mu = _resolve_centroids(centroids, num_clusters, Hq, D, q.device, max(Nq, Nk))
         C = mu.shape[1]
         qf = q.detach().to(torch.float32)
         kf = repeat_kv(k.detach(), Hq).to(torch.float32)
