@@ -45,7 +45,6 @@ from ..errors import AttentionInputError
 from ..registry import Impl, MethodSpec, register
 from . import softmax
 from ._blocksparse import block_indices, block_sparse_attention
-from ._common import compute_dtype
 
 _REPRESENTATIVES = ("middle", "first", "max_norm")
 
@@ -106,7 +105,9 @@ def select(q, k, *, causal, key_padding_mask, scale, block_size, topk, represent
         nqb, nkb = -(-Nq // bs), -(-Nk // bs)
         off = Nk - Nq
         dev = q.device
-        ct = compute_dtype(q.dtype)
+        # select in float32 whatever the input dtype, so a float64 reference and a float32
+        # fast path on the same (rounded) values choose the same blocks
+        ct = torch.float32
         t = torch.arange(nqb, device=dev)
         p0 = t * bs + off
         p1 = torch.clamp((t + 1) * bs, max=Nq) - 1 + off

@@ -182,7 +182,9 @@ def select_blocks(q, k, *, causal=False, mask=None, key_padding_mask=None, block
     Nk = k.shape[2]
     block = int(block_size)
     with torch.no_grad():
-        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        # float32 whatever the input dtype: float64 and float32 runs on the same (rounded)
+        # values choose the same blocks, so the fp64 three-way test rule stays meaningful
+        ct = torch.float32
         logits, _ = gate_logits(q.detach().to(ct), k.detach().to(ct), block=block,
                                     gate_q=None if gate_q is None else gate_q.detach(),
                                     gate_k=None if gate_k is None else gate_k.detach(),
