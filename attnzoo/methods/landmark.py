@@ -97,14 +97,16 @@ def select(q, k, *, causal, key_padding_mask, scale, block_size, topk, landmarks
     """The blocks each query attends: ``idx (B, Hq, Nq, topk+1)`` long, ``valid`` bool;
     slot 0 is the query's own block. Computed without gradient."""
     with torch.no_grad():
-        q, k = q.detach(), k.detach()
+        # float32 whatever the input dtype: float64 and float32 runs on the same (rounded)
+        # values, and decoding, retrieve the same blocks
+        q, k = q.detach().float(), k.detach().float()
         B, Hq, Nq, _ = q.shape
         Nk = k.shape[2]
         bs = int(block_size)
         nkb = -(-Nk // bs)
         lm, has = compute_landmarks(k, key_padding_mask, bs)
         if landmarks is not None:
-            lm = landmarks.detach()
+            lm = landmarks.detach().float()
         p = _positions(Nq, Nk, q.device)
         own = torch.div(p.clamp(min=0), bs, rounding_mode="floor")  # (Nq,)
         blocks = torch.arange(nkb, device=q.device)
@@ -330,7 +332,7 @@ class LandmarkCache:
 
         self.kv = KVCache(batch, kv_heads, head_dim, v_dim, dtype=dtype, device=device)
         self.block_size = int(block_size)
-        self.landmarks = torch.zeros(batch, kv_heads, 0, head_dim, dtype=compute_dtype(dtype), device=device)
+        self.landmarks = torch.zeros(batch, kv_heads, 0, head_dim, dtype=torch.float32, device=device)
 
     @property
     def length(self) -> int:
@@ -358,7 +360,7 @@ def step(cache: LandmarkCache, q, k, v, *, scale, impl="auto", block_size=64, to
     done = L // bs
     have = cache.landmarks.shape[2]
     if done > have:  # landmarks of the newly completed blocks, computed once
-        new, _ = compute_landmarks(keys[:, :, have * bs: done * bs], None, bs)
+        new, _ = compute_landmarks(keys[:, :, have * bs: done * bs].float(), None, bs)  # as select() does
         cache.landmarks = torch.cat([cache.landmarks, new], dim=2)
     nkb = -(-L // bs)
     lm = cache.landmarks
