@@ -263,7 +263,11 @@ def gather_attention_per_query(q, k, v, *, idx, valid, block, scale, causal, mas
             ok = ok & (kp <= qp)
         if kpm is not None:
             ok = ok & kpm[torch.arange(B, device=q.device).view(-1, 1, 1, 1), kp]
-        if mask is not None:
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a mask_mod at the gathered pairs
+            ok = ok & mask(torch.arange(B, device=q.device).view(-1, 1, 1, 1),
+                           torch.arange(Hq, device=q.device).view(1, -1, 1, 1),
+                           torch.arange(qs, qe, device=q.device).view(1, 1, R, 1), kp.clamp(max=Nk - 1))
+        elif mask is not None:
             bi = torch.arange(B, device=q.device).view(-1, 1, 1, 1) if mask.shape[0] > 1 else 0
             hi = torch.arange(Hq, device=q.device).view(1, -1, 1, 1) if mask.shape[1] > 1 else 0
             qi = torch.arange(qs, qe, device=q.device).view(1, 1, R, 1) if mask.shape[2] > 1 else 0
@@ -378,7 +382,7 @@ register(
         summary="each query retrieves the topk key blocks by landmark score, plus its own block",
         paper="Landmark Attention: Random-Access Infinite Context Length for Transformers",
         reference=reference,
-        impls=[Impl("gather", gather_attention, supports=_gather_supports,
+        impls=[Impl("gather", gather_attention, supports=_gather_supports, mask_mod=True,
                     description="per-query gather of the topk retrieved blocks + own block, O(N·(k+1)·block)")],
         patterns=("noncausal_self", "causal_self", "causal_cross"),
         exact=False,

@@ -134,7 +134,11 @@ def block_visibility(B, Hq, Nq, Nk, block, *, causal, key_padding_mask=None, mas
         end = torch.minimum(end, (last + 1).clamp(0, Nk).view(nqb, 1))
     end = torch.maximum(end, start).expand(nqb, nkb)
     vis = (cum[:, end] - cum[:, start.expand(nqb, nkb)] > 0).view(cum.shape[0], 1, nqb, nkb)
-    if mask is not None:
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a mask_mod: evaluated one row of tiles at a time
+        from ..masks import block_layout
+
+        vis = vis & block_layout(mask, B, Hq, Nq, Nk, block, device)
+    elif mask is not None:
         m = mask
         if m.shape[-1] != 1:
             m = F.pad(m, (0, nkb * block - Nk)).view(*m.shape[:-1], nkb, block).any(-1)
@@ -190,7 +194,7 @@ def select_blocks(q, k, *, causal=False, mask=None, key_padding_mask=None, block
                                     gate_k=None if gate_k is None else gate_k.detach(),
                                     key_padding_mask=key_padding_mask)
         vis, forced = block_visibility(B, Hq, Nq, Nk, block, causal=causal, key_padding_mask=key_padding_mask,
-                                       mask=mask if isinstance(mask, torch.Tensor) else None, device=q.device)
+                                       mask=mask, device=q.device)
         vis, forced = vis.expand_as(logits), forced.expand_as(logits)
         if threshold is not None:
             probs = masked_softmax(logits, vis)
@@ -371,7 +375,7 @@ register(
         summary="a learnable gate over pooled q/k blocks keeps the top-k key blocks per query block",
         paper="SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs",
         reference=reference,
-        impls=[Impl("block", block_attention,
+        impls=[Impl("block", block_attention, mask_mod=True,
                     description="block-sparse kernel over the gate's kept blocks, O(N·K·block)")],
         exact=False,
         time="O(N K b D + (N/b)^2 D)",
