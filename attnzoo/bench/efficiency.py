@@ -260,6 +260,28 @@ def scaling_exponent(lengths: list, values: list) -> Optional[float]:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
 
 
+def efficiency_length(lengths: list, method_values: list, baseline_values: list) -> Optional[float]:
+    """CAB's efficiency length: the sequence length from which the method is cheaper
+    (faster, or lighter when given memory) than exact attention.
+
+    The ratio ``method / baseline`` is interpolated in log-log between measured lengths;
+    the result is the last crossing below 1 after which it stays below 1. Returns the
+    first length if the method is cheaper everywhere measured, None if it never ends up
+    cheaper (or nothing usable was measured).
+    """
+    pts = sorted((n, m / b) for n, m, b in zip(lengths, method_values, baseline_values) if m and b and m > 0 and b > 0)
+    if not pts or pts[-1][1] >= 1:
+        return None
+    i = len(pts) - 1
+    while i > 0 and pts[i - 1][1] < 1:
+        i -= 1
+    if i == 0:
+        return float(pts[0][0])
+    (n0, r0), (n1, r1) = pts[i - 1], pts[i]
+    x0, x1, y0, y1 = math.log(n0), math.log(n1), math.log(r0), math.log(r1)
+    return float(math.exp(x0 + (0 - y0) * (x1 - x0) / (y1 - y0)))
+
+
 def machine_info() -> dict:
     return {
         "machine": platform.machine(),
