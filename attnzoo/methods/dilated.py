@@ -188,18 +188,7 @@ def step(cache: WindowCache, q, k, v, *, scale, impl="auto", window=64, dilation
             f"dilated: step with window={window}, dilations={tuple(_head_values(dilations, 'dilations').tolist())} "
             f"needs a cache of {keep} tokens, but the state keeps {cache.window}; pass the same options to init_state"
         )
-    Hq, T = q.shape[1], q.shape[2]
-    new_pos = torch.arange(cache.length, cache.length + T, device=q.device)
-    keys = torch.cat([cache.k, k], dim=2)
-    values = torch.cat([cache.v, v], dim=2)
-    pos = torch.cat([cache.pos, new_pos])
-    heads = torch.arange(Hq, device=q.device).view(1, -1, 1, 1)
-    allowed = dilated_window_mask(window, dilations, True)(0, heads, new_pos.view(1, 1, -1, 1), pos.view(1, 1, 1, -1))
-    out = softmax.reference(q, keys, values, mask=allowed, scale=scale)
-    kept = pos > cache.length + T - 1 - keep
-    cache.k, cache.v, cache.pos = keys[:, :, kept], values[:, :, kept], pos[kept]
-    cache.length += T
-    return out
+    return cache.attend(q, k, v, dilated_window_mask(window, dilations, True), scale)
 
 
 register(

@@ -228,17 +228,7 @@ def step(cache: MoACache, q, k, v, *, scale, impl="auto", alpha=DEFAULT_ALPHA, b
             f"(the spans were fixed for that length); make the state with a larger max_len"
         )
     spans = _decode_spans(alpha, beta, Hq, cache.max_len)
-    new_pos = torch.arange(cache.length, cache.length + T, device=q.device)
-    keys = torch.cat([cache.k, k], dim=2)
-    values = torch.cat([cache.v, v], dim=2)
-    pos = torch.cat([cache.pos, new_pos])
-    heads = torch.arange(Hq, device=q.device).view(1, -1, 1, 1)
-    allowed = _pattern(True, spans, sinks, None, None)(0, heads, new_pos.view(1, 1, -1, 1), pos.view(1, 1, 1, -1))
-    out = softmax.reference(q, keys, values, mask=allowed, scale=scale)
-    kept = (pos < cache.sinks) | (pos > cache.length + T - 1 - cache.window)
-    cache.k, cache.v, cache.pos = keys[:, :, kept], values[:, :, kept], pos[kept]
-    cache.length += T
-    return out
+    return cache.attend(q, k, v, _pattern(True, spans, sinks, None, None), scale)
 
 
 # ---------------------------------------------------------------------------- profiler

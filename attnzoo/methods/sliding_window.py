@@ -115,6 +115,23 @@ class WindowCache:
     def tokens(self) -> int:
         return self.k.shape[2]
 
+    def attend(self, q, k, v, pattern, scale: float) -> torch.Tensor:
+        """Append the T new tokens, attend the new queries over the kept tokens and the new
+        ones with ``pattern`` (a mask_mod evaluated at global positions), then keep only the
+        sinks and the last ``window`` tokens."""
+        T, Hq = q.shape[2], q.shape[1]
+        new_pos = torch.arange(self.length, self.length + T, device=q.device)
+        keys = torch.cat([self.k, k], dim=2)
+        values = torch.cat([self.v, v], dim=2)
+        pos = torch.cat([self.pos, new_pos])
+        heads = torch.arange(Hq, device=q.device).view(1, -1, 1, 1)
+        allowed = pattern(0, heads, new_pos.view(1, 1, -1, 1), pos.view(1, 1, 1, -1))
+        out = softmax.reference(q, keys, values, mask=allowed, scale=scale)
+        kept = (pos < self.sinks) | (pos > self.length + T - 1 - self.window)
+        self.k, self.v, self.pos = keys[:, :, kept], values[:, :, kept], pos[kept]
+        self.length += T
+        return out
+
 
 def init_state(batch_size, kv_heads, head_dim, v_dim, *, dtype=torch.float32, device=None, max_len=None, window=256,
                sinks=0, block_size=64):
@@ -125,18 +142,7 @@ def init_state(batch_size, kv_heads, head_dim, v_dim, *, dtype=torch.float32, de
 def step(cache: WindowCache, q, k, v, *, scale, impl="auto", window=256, sinks=0, block_size=64):
     """Attend the T new queries over the kept tokens plus the new ones (causal, window,
     sinks by global position), then keep only the sinks and the last ``window`` tokens."""
-    T = q.shape[2]
-    new_pos = torch.arange(cache.length, cache.length + T, device=q.device)
-    keys = torch.cat([cache.k, k], dim=2)
-    values = torch.cat([cache.v, v], dim=2)
-    pos = torch.cat([cache.pos, new_pos])
-    qp, kp = new_pos.view(-1, 1), pos.view(1, -1)
-    allowed = (kp <= qp) & ((kp > qp - cache.window) | (kp < cache.sinks))
-    out = softmax.reference(q, keys, values, mask=allowed.view(1, 1, T, -1), scale=scale)
-    keep = (pos < cache.sinks) | (pos > cache.length + T - 1 - cache.window)
-    cache.k, cache.v, cache.pos = keys[:, :, keep], values[:, :, keep], pos[keep]
-    cache.length += T
-    return out
+    return cache.attend(q, k, v, _pattern(True, cache.window, cache.sinks, None, None), scale)
 
 
 register(
