@@ -76,6 +76,7 @@ from ..errors import AttentionInputError, fmt_shape
 from ..masks import dense_mask, neighborhood_mask
 from ..registry import Impl, MethodSpec, register
 from ._common import BLOCK_ELEMENTS, compute_dtype
+from .softmax import _flex_supports, flex_with_pattern
 from .softmax import reference as softmax_reference
 
 
@@ -122,17 +123,9 @@ def reference(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=
                              return_weights=return_weights)
 
 
-def _flex_supports(call):
-    from .softmax import _flex_supports as softmax_flex_supports
-
-    return softmax_flex_supports(call)
-
-
 def flex_attention(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
                    return_weights=False, kernel_size=7, dilation=1, grid=None):
     """FlexAttention with the same mask_mod (inference on CPU)."""
-    from .softmax import flex_with_pattern
-
     pattern = _mask_mod(q, k, causal, kernel_size, dilation, grid)
     return flex_with_pattern(q, k, v, pattern, causal=causal, mask=mask, key_padding_mask=key_padding_mask,
                              scale=scale)
