@@ -1,5 +1,6 @@
 # make test   -- create .venv if missing (torch CPU build first), run the test suite
-# make bench  -- same set-up, run the default CPU benchmark (under 3 minutes on 2 cores)
+# make bench  -- same set-up, run the quick benchmark (under 5 minutes on 2 cores) and write
+#                bench-results/report.md, report.html and plots
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,14 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip >/dev/null
 	# the pinned CPU build first: an unpinned torch would pull several GB of CUDA packages
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,bench]"
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
 
 bench: $(STAMP)
-	$(PY) -m attnzoo bench --lengths 2048 --repeats 2 --out bench-results/bench.jsonl
+	$(PY) -m attnzoo bench all --quick --out bench-results
 
 readme: $(STAMP)
 	$(PY) -m attnzoo.readme

@@ -1,4 +1,4 @@
-"""The ``attnzoo`` command: ``attnzoo list`` and ``attnzoo bench``."""
+"""The ``attnzoo`` command: ``attnzoo list``, ``attnzoo bench efficiency|tasks|all`` and ``attnzoo report``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,6 @@ from . import registry
 
 LIST_COLUMNS = ["method", "family", "patterns", "exact", "time", "memory", "impls", "learnable", "masks", "gqa",
                 "decoding", "paper"]
-
-#: ``--methods all``: every registered method (its auto impl) and softmax's tiled path.
-DEFAULT_BENCH_METHODS = "all"
 
 
 def methods_markdown() -> str:
@@ -53,70 +50,157 @@ def _fmt_ms(s: Optional[float]) -> str:
     return "-" if s is None else f"{s * 1e3:,.1f}"
 
 
-def cmd_bench(args) -> int:
+def _progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .bench import efficiency as eff
+    return Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
 
+
+def _load(args):
+    """The config named by --config / --quick: ``(dict, path)``."""
+    from .bench.results import load_config
+
+    return load_config(args.config or ("quick" if args.quick else "full"))
+
+
+def _results(args, name):
+    from .bench.results import ResultsFile
+
+    return ResultsFile(Path(args.out) / name, resume=args.resume)
+
+
+def cmd_bench_efficiency(args, config=None, config_path=None) -> int:
     import torch
+
+    from .bench import sweep
+    from .bench.results import run_record
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = args.methods
-    if spec == "all":
-        spec = ",".join(["softmax:sdpa", "softmax:tiled"] + [s.name for s in registry.methods() if s.name != "softmax"])
-    methods = eff.parse_methods(spec)
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    modes = [m for m in args.modes.split(",") if m]
-    for m in modes:
-        if m not in ("fwd", "fwd+bwd"):
-            raise SystemExit(f"--modes takes fwd and/or fwd+bwd, got {m!r}")
-    patterns = [p for p in args.patterns.split(",") if p]
-    for p in patterns:
-        if p not in registry.PATTERNS:
-            raise SystemExit(f"--patterns takes {', '.join(registry.PATTERNS)}; got {p!r}")
-    if args.dtype not in eff.DTYPES:
-        raise SystemExit(f"--dtype takes {', '.join(eff.DTYPES)}; got {args.dtype!r}")
-    options = parse_options(args.option, [m for m, _ in methods])
-    cases = eff.build_cases(methods, lengths, modes, patterns, args.dtype, batch=args.batch, heads=args.heads,
-                            kv_heads=args.kv_heads, head_dim=args.head_dim, repeats=args.repeats,
-                            options_for=lambda name: options.get(name, ()), error=args.error)
+    if config is None:
+        config, config_path = _load(args)
+    overrides = {"methods": args.methods, "patterns": args.patterns, "lengths": args.lengths, "dtypes": args.dtypes,
+                 "modes": args.modes, "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
+                 "head_dim": args.head_dim, "repeats": args.repeats, "timeout": args.timeout,
+                 "memory_limit_mib": args.memory_limit, "decode_positions": args.decode_positions}
+    if args.error:
+        overrides["error"] = True
+    if args.no_check:
+        overrides["check"] = False
+    settings = sweep.efficiency_settings(config, overrides)
+    if args.option:
+        settings["options"] = {**settings["options"], **parse_options(args.option)}
+    checks, cases = sweep.efficiency_plan(settings)  # validates methods and options before anything runs
     console = _console()
-    console.print(f"[bold]attnzoo bench[/]: {len(cases)} cases, B={args.batch} H={args.heads} D={args.head_dim} "
-                  f"{args.dtype}, median of {args.repeats}, each case in its own process; machine: "
-                  f"{eff.machine_info()}")
-    out_file = None
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        out_file = open(args.out, "a")
-    results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("measuring", total=len(cases))
-
-        def on_done(case, result):
-            progress.update(task, advance=1, description=f"{case.label} N={case.seq_len} {case.mode}")
-            if out_file:
-                out_file.write(json.dumps({**result.record(), **eff.machine_info()}) + "\n")
-                out_file.flush()
-
-        for r in eff.run_sweep(cases, timeout=args.timeout, isolate=not args.no_isolate, progress=on_done,
-                               memory_limit_mib=args.memory_limit):
-            results.append(r)
-    console.print(results_table(results))
-    ok = all(r.status == "ok" for r in results)
-    if args.decode_positions:
-        ok &= _bench_decode(args, methods, console, out_file)
-    if out_file:
-        out_file.close()
-    return 0 if ok else 1
+    with _results(args, "efficiency.jsonl") as results:
+        run = run_record("efficiency", config, config_path)
+        run["settings"] = {k: v for k, v in settings.items()}
+        results.append(run)
+        todo = sum(c.key() not in results.done for c in cases)
+        console.print(f"[bold]attnzoo bench efficiency[/] ({config_path}): {len(cases)} cases"
+                      + (f", {len(cases) - todo} already done" if todo < len(cases) else "")
+                      + f"; {len(checks)} quick checks first. B={settings['batch']} H={settings['heads']} "
+                      f"D={settings['head_dim']}, {'/'.join(settings['dtypes'])}, median of {settings['repeats']}, "
+                      f"each case in its own process. Results: {results.path}")
+        with _progress(console) as progress:
+            task = progress.add_task("efficiency", total=len(cases))
+            measured = sweep.run_efficiency(settings, results, run["run_id"], isolate=not args.no_isolate,
+                                            progress=lambda d, n: progress.update(task, advance=n, description=d))
+        if measured:
+            console.print(results_table(measured))
+        failed = [r for r in measured if r.status != "ok"]
+        for r in failed:
+            console.print(f"[yellow]{r.status}[/]: {r.case.label} {r.case.pattern} N={r.case.seq_len} "
+                          f"{r.case.mode} {r.case.dtype}: {(r.error or '').splitlines()[0][:200]}")
+        ok = not failed
+        if settings["decode_positions"]:
+            ok &= _bench_decode(settings, sweep.resolve_methods(settings["methods"]), console, results,
+                                run["run_id"])
+    console.print(f"{len(measured)} cases measured, {len(failed)} not ok. Report: attnzoo report {args.out}")
+    return 1 if (args.strict and not ok) else 0
 
 
-def _bench_decode(args, methods, console, out_file) -> bool:
+def cmd_bench_tasks(args, config=None, config_path=None) -> int:
+    from .bench import sweep
+    from .bench.results import run_record
+    from .bench.tasks.suite import build_task_cases
+
+    if config is None:
+        config, config_path = _load(args)
+    table = dict(config.get("tasks", {}))
+    if args.tasks:
+        table["tasks"] = [t for t in args.tasks.split(",") if t]
+    methods = args.methods or table.get("methods", "all")
+    names = []
+    for name, _ in sweep.resolve_methods(methods):
+        if name not in names and name != "torch_sdpa":
+            names.append(name)
+    cases = build_task_cases(table, names)
+    if args.patterns:
+        wanted = [p for p in args.patterns.split(",") if p]
+        for p in wanted:
+            if p not in registry.PATTERNS:
+                raise SystemExit(f"--patterns takes {', '.join(registry.PATTERNS)}; got {p!r}")
+        cases = [c for c in cases if c.pattern in wanted]
+    workers = args.workers or int(table.get("workers", 2))
+    threads = int(table.get("threads", 1))
+    timeout = args.timeout or float(table.get("timeout", 600))
+    console = _console()
+    with _results(args, "tasks.jsonl") as results:
+        run = run_record("tasks", config, config_path)
+        results.append(run)
+        todo = sum(c.key() not in results.done for c in cases)
+        console.print(f"[bold]attnzoo bench tasks[/] ({config_path}): {len(cases)} trainings"
+                      + (f", {len(cases) - todo} already done" if todo < len(cases) else "")
+                      + f", {workers} at a time with {threads} thread(s) each. Results: {results.path}")
+        with _progress(console) as progress:
+            task = progress.add_task("tasks", total=len(cases))
+            records = sweep.run_tasks(cases, results, run["run_id"], workers=workers, threads=threads,
+                                      timeout=timeout,
+                                      progress=lambda d, n: progress.update(task, advance=n, description=d))
+    if records:
+        console.print(tasks_table(records))
+    failed = [r for r in records if r["status"] != "ok"]
+    for r in failed:
+        console.print(f"[yellow]{r['status']}[/]: {r['task']} {r['method']}: {(r['error'] or '').splitlines()[0][:200]}")
+    console.print(f"{len(records)} models trained, {len(failed)} not ok. Report: attnzoo report {args.out}")
+    return 1 if (args.strict and failed) else 0
+
+
+def cmd_bench_all(args) -> int:
+    """Efficiency, then tasks, then the report, from one config."""
+    config, path = _load(args)
+    code = cmd_bench_efficiency(args, config, path)
+    code |= cmd_bench_tasks(args, config, path)
+    return code | cmd_report(argparse.Namespace(results=args.out, report_dir=None))
+
+
+def cmd_report(args) -> int:
+    from .bench.report import main_summary, render_report
+
+    render_report(args.results, args.report_dir)
+    print(main_summary(args.results))
+    return 0
+
+
+def tasks_table(records) -> Table:
+    table = Table(title="task accuracy (held-out examples)")
+    for c in ("task", "pattern", "setting", "method", "accuracy", "chance", "train s", "status"):
+        table.add_column(c, justify="right" if c in ("accuracy", "chance", "train s") else "left")
+    for r in sorted(records, key=lambda r: (r["task"], json.dumps(r["setting"]), r["method"])):
+        table.add_row(r["task"], r["pattern"], " ".join(f"{k}={v}" for k, v in r["setting"].items()), r["method"],
+                      "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                      "-" if r["chance"] is None else f"{r['chance']:.3f}",
+                      "-" if r["train_s"] is None else f"{r['train_s']:.1f}", r["status"])
+    return table
+
+
+def _bench_decode(settings, methods, console, results, run_id) -> bool:
     """Per-token decode step time at each position (constant-state methods stay flat)."""
     from .bench import efficiency as eff
 
-    positions = [int(x) for x in args.decode_positions.split(",") if x]
+    positions = settings["decode_positions"]
     names = []
     for name, _ in methods:
         if name != eff.BASELINE and registry.get(name).decoding and name not in names:
@@ -128,12 +212,13 @@ def _bench_decode(args, methods, console, out_file) -> bool:
     for name in names:
         cells, first, last = [], None, None
         for p in positions:
-            res = eff.run_decode(eff.DecodeCase(name, p, dtype=args.dtype, batch=args.batch, heads=args.heads,
-                                                kv_heads=args.kv_heads, head_dim=args.head_dim), timeout=args.timeout)
-            if out_file:
-                rec = {k: v for k, v in res.items() if k != "case"}
-                out_file.write(json.dumps({"kind": "decode", "method": name, "position": p, **rec,
-                                           **eff.machine_info()}) + "\n")
+            case = eff.DecodeCase(name, p, dtype=settings["dtypes"][0], batch=settings["batch"],
+                                  heads=settings["heads"], kv_heads=settings["kv_heads"],
+                                  head_dim=settings["head_dim"])
+            res = eff.run_decode(case, timeout=settings["timeout"])
+            rec = {k: v for k, v in res.items() if k != "case"}
+            results.append({"kind": "decode", "key": f"decode|{case}", "method": name, "position": p, **rec,
+                            "run_id": run_id})
             if res["status"] != "ok":
                 ok = False
                 cells.append(res["status"].upper())
@@ -148,35 +233,23 @@ def _bench_decode(args, methods, console, out_file) -> bool:
     return ok
 
 
-def parse_options(items, method_names) -> dict:
-    """``["window=256", "neighborhood.grid=(128, 128)"]`` -> per-method option tuples.
+def parse_options(items) -> dict:
+    """``["window=256", "neighborhood.grid=(128, 128)"]`` -> ``{"window": 256, "neighborhood.grid": (128, 128)}``.
 
-    ``name=value`` applies to every chosen method that has the option; ``method.name=value``
-    to that method only. Values are Python literals (numbers, tuples, lists), else strings.
-    """
+    Values are Python literals (numbers, tuples, lists), else strings. Which methods
+    take each option is resolved by :func:`attnzoo.bench.sweep.method_options`."""
     import ast
 
-    from .bench.efficiency import BASELINE
-
-    out: dict = {}
+    out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise SystemExit(f"--option takes name=value or method.name=value, got {item!r}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        target, _, name = key.rpartition(".")
-        hit = False
-        for m in method_names:
-            if m == BASELINE or (target and m != target):
-                continue
-            if name in registry.get(m).options:
-                out[m] = out.get(m, ()) + ((name, value),)
-                hit = True
-        if not hit:
-            raise SystemExit(f"--option {item!r}: no chosen method has an option {name!r}")
+        out[key] = value
     return out
 
 
@@ -216,32 +289,57 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the registered methods")
     p.add_argument("--markdown", action="store_true", help="print the Markdown table (the README's)")
     p.set_defaults(func=cmd_list)
-    b = sub.add_parser("bench", help="time forward / forward+backward against torch SDPA")
-    b.add_argument("--methods", default=DEFAULT_BENCH_METHODS,
-                   help="comma-separated method or method:impl (default: %(default)s)")
-    b.add_argument("--lengths", default="1024,4096", help="sequence lengths (default: %(default)s)")
-    b.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd (default: %(default)s)")
-    b.add_argument("--patterns", default="causal_self,noncausal_self",
-                   help=f"any of {', '.join(registry.PATTERNS)} (default: %(default)s)")
-    b.add_argument("--dtype", default="float32")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--heads", type=int, default=8)
-    b.add_argument("--kv-heads", type=int, default=None)
-    b.add_argument("--head-dim", type=int, default=64)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--timeout", type=float, default=300.0, help="seconds per case before it is recorded as timeout")
-    b.add_argument("--memory-limit", type=float, default=None, help="MiB of address space per case (RLIMIT_AS)")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    b.add_argument("--out", default=None, help="append one JSON record per case to this file")
-    b.add_argument("--error", action="store_true",
-                   help="also report each output's max error against exact softmax (SDPA) on the same inputs")
-    b.add_argument("--option", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
-                   help="a method option, e.g. window=256 or neighborhood.grid=(128,128); repeatable")
-    b.add_argument("--decode-positions", default="", help="also time one decode step after prefills of these "
-                   "lengths, e.g. 512,16384 (methods with decoding)")
-    b.add_argument("--no-isolate", action="store_true", help="run cases in this process (memory figures are then "
-                   "not per case)")
-    b.set_defaults(func=cmd_bench)
+    b = sub.add_parser("bench", help="benchmarks: efficiency (time, memory vs SDPA), tasks (accuracy), or all",
+                       description="Run a benchmark sweep from a config (benchmarks/*.toml), appending one JSON "
+                                   "record per case to OUT/<sweep>.jsonl; then `attnzoo report OUT`.")
+    bsub = b.add_subparsers(dest="sweep", required=True)
+    effp = bsub.add_parser("efficiency", help="time and peak memory of every method against torch SDPA")
+    tasp = bsub.add_parser("tasks", help="accuracy of a small model per method on MQAR and the four CAB tasks")
+    allp = bsub.add_parser("all", help="efficiency, tasks, then the report")
+    for p in (effp, tasp, allp):
+        p.add_argument("--config", default=None, help="a config name in benchmarks/ (quick, full) or a TOML path "
+                       "(default: full, or quick with --quick)")
+        p.add_argument("--quick", action="store_true", help="the quick config (benchmarks/quick.toml: under 5 min "
+                       "on 2 cores, all four patterns)")
+        p.add_argument("--methods", default=None, help="comma-separated method or method:impl, or all "
+                       "(default: the config's)")
+        p.add_argument("--patterns", default=None, help=f"comma-separated, any of {', '.join(registry.PATTERNS)}")
+        p.add_argument("--out", default="bench-results", help="results directory (default: %(default)s)")
+        p.add_argument("--resume", action="store_true",
+                       help="skip the cases already in OUT (otherwise the old results move to *.jsonl.prev)")
+        p.add_argument("--timeout", type=float, default=None, help="seconds per case before it is recorded as "
+                       "timeout")
+        p.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
+    for p in (effp, allp):
+        p.add_argument("--lengths", default=None, help="sequence lengths, e.g. 1024,4096")
+        p.add_argument("--dtypes", default=None, help="float32 and/or bfloat16 (float16, float64)")
+        p.add_argument("--modes", default=None, help="fwd and/or fwd+bwd")
+        p.add_argument("--batch", type=int, default=None)
+        p.add_argument("--heads", type=int, default=None)
+        p.add_argument("--kv-heads", type=int, default=None)
+        p.add_argument("--head-dim", type=int, default=None)
+        p.add_argument("--repeats", type=int, default=None, help="timed runs per case (after one warm-up)")
+        p.add_argument("--memory-limit", type=float, default=None, help="MiB of address space per case (RLIMIT_AS)")
+        p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+        p.add_argument("--error", action="store_true",
+                       help="also report each output's max error against exact softmax (SDPA) on the same inputs")
+        p.add_argument("--option", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
+                       help="a method option, e.g. window=256 or neighborhood.grid=(128,128); repeatable")
+        p.add_argument("--decode-positions", default=None, help="also time one decode step after prefills of "
+                       "these lengths, e.g. 512,16384 (methods with decoding)")
+        p.add_argument("--no-check", action="store_true", help="skip the quick fast-vs-reference checks")
+        p.add_argument("--no-isolate", action="store_true", help="run cases in this process (memory figures are "
+                       "then not per case)")
+    for p in (tasp, allp):
+        p.add_argument("--tasks", default=None, help="comma-separated tasks (default: the config's)")
+        p.add_argument("--workers", type=int, default=None, help="trainings side by side (default: the config's)")
+    effp.set_defaults(func=cmd_bench_efficiency)
+    tasp.set_defaults(func=cmd_bench_tasks)
+    allp.set_defaults(func=cmd_bench_all)
+    r = sub.add_parser("report", help="write report.md, report.html and plots from a results directory")
+    r.add_argument("results", help="the results directory of `attnzoo bench` (e.g. bench-results)")
+    r.add_argument("--out", dest="report_dir", default=None, help="where to write the report (default: RESULTS)")
+    r.set_defaults(func=cmd_report)
     return parser
 
 

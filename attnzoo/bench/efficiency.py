@@ -10,8 +10,8 @@ first (warm-up) call, above the inputs: what the attention itself needed.
 
 from __future__ import annotations
 
+import json
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +21,7 @@ import torch
 
 from .. import registry
 from ..errors import AttentionInputError
+from .results import machine_info  # noqa: F401  (re-exported)
 from .worker import peak_rss_mib, reset_peak_rss, rss_mib, run_isolated
 
 #: The baseline every method is compared with: torch's own SDPA, called directly.
@@ -49,6 +50,12 @@ class BenchCase:
     def label(self) -> str:
         return self.method if self.impl == "auto" else f"{self.method}:{self.impl}"
 
+    def key(self) -> str:
+        """Identifies the case in a results file (``--resume`` skips keys already there)."""
+        from .results import jsonable
+
+        return "efficiency|" + json.dumps(jsonable(asdict(self)), sort_keys=True)
+
 
 @dataclass
 class BenchResult:
@@ -65,11 +72,21 @@ class BenchResult:
     def median_s(self) -> Optional[float]:
         return statistics.median(self.times_s) if self.times_s else None
 
-    def record(self) -> dict:
-        out = asdict(self.case)
-        out.update(status=self.status, times_s=self.times_s, median_s=self.median_s, peak_mib=self.peak_mib,
-                   impl_used=self.impl_used, error=self.error, label=self.case.label, density=self.density,
-                   max_error=self.max_error)
+    @property
+    def spread(self) -> Optional[float]:
+        """(max - min) / median of the timed repeats."""
+        m = self.median_s
+        return (max(self.times_s) - min(self.times_s)) / m if m else None
+
+    def record(self, run_id: Optional[str] = None) -> dict:
+        """The JSON record of the case (see :mod:`attnzoo.bench.results`)."""
+        from .results import jsonable
+
+        out = {"kind": "efficiency", "key": self.case.key(), **asdict(self.case)}
+        out.update(options=jsonable(dict(self.case.options)), label=self.case.label, status=self.status,
+                   times_s=self.times_s, median_s=self.median_s, spread=self.spread, peak_mib=self.peak_mib,
+                   impl_used=self.impl_used, error=self.error, density=self.density, max_error=self.max_error,
+                   run_id=run_id)
         return out
 
 
@@ -282,14 +299,6 @@ def efficiency_length(lengths: list, method_values: list, baseline_values: list)
     return float(math.exp(x0 + (0 - y0) * (x1 - x0) / (y1 - y0)))
 
 
-def machine_info() -> dict:
-    return {
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
 
 
 # ------------------------------------------------------------------------------ decoding

@@ -1,0 +1,139 @@
+"""The quick correctness check every method passes before it is timed.
+
+On a small input, the implementation the benchmark will time (``impl="auto"`` resolves
+to the same fast path it picks for the timed call) is compared with the method's
+reference in outputs and q/k/v gradients (and parameter gradients for methods with
+parameters), by the rule of PyTorch's FlexAttention tests that the test suite uses:
+
+    err(fast_fp32, ref_fp64) <= fudge * err(ref_fp32, ref_fp64) + floor
+
+with a floor of ``REL_FLOOR`` times the tensor's scale.
+
+A method that fails is reported as failing and its timings are not taken: a fast path
+that is fast because it is wrong is not a result.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import registry
+
+#: The floor of the rule, relative to the tensor's scale. Looser than the test suite's
+#: two ulps: a parameter gradient sums over every position, and sdpa's fp32 sums can
+#: differ from the reference's by ~1e-5 relative. This check is there to catch wrong
+#: results (errors of order 1e-2 and up); the test suite holds the tight rule.
+REL_FLOOR = 1e-4
+
+#: the check's input: B=1, 2 query heads, 2 kv heads, N=80 queries (cross: 56 keys), D=32
+CHECK_SHAPE = dict(batch=1, heads=2, q_len=80, kv_len=56, head_dim=32)
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def quick_check(method: str, impl: str, pattern: str, options: tuple = ()) -> dict:
+    """Fast impl vs reference on one small input, outputs and gradients.
+
+    Returns ``{"status": "ok"|"failed", "impl_used", "out_error", "grad_error",
+    "tolerance", "message"}``: errors are max |fast - fp64 reference| (outputs, and the
+    largest over gradients); tolerance the bound the rule allowed for the output.
+    ``options`` are the method's options as ``(name, value)`` pairs; the spec's
+    ``test_options`` (sized for small inputs) fill in the ones not given.
+    """
+    from ..api import attention, check_inputs, select_impl
+
+    spec = registry.get(method)
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    s = CHECK_SHAPE
+    nq = s["q_len"]
+    nk = s["kv_len"] if cross else nq
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(s["batch"], s["heads"], 1 if spec.query == "learned" else nq, s["head_dim"], generator=g,
+                    dtype=torch.float64)
+    k = torch.randn(s["batch"], s["heads"], nk, s["head_dim"], generator=g, dtype=torch.float64)
+    v = torch.randn(s["batch"], s["heads"], nk, s["head_dim"], generator=g, dtype=torch.float64)
+    if spec.module is not None:  # test_options are the functional form's (e.g. agent's dwc_weight): not here
+        options = dict(options)
+        import inspect
+
+        ctor = set(inspect.signature(spec.module.__init__).parameters) - {"self", "heads", "kv_heads", "head_dim"}
+        built = {n: options.pop(n) for n in list(options) if n in ctor}
+        torch.manual_seed(0)
+        module = spec.module(heads=s["heads"], kv_heads=s["heads"], head_dim=s["head_dim"], **built)
+        with torch.no_grad():  # non-trivial parameters, so the parameter paths are exercised
+            for p in module.parameters():
+                p.normal_(0, 0.3, generator=g)
+        module64 = copy.deepcopy(module).double()
+        # the impl the module's call resolves to (its options are tensors it makes itself)
+        info = check_inputs(spec, q.float().requires_grad_(True), k.float(), v.float(), causal=causal, cross=cross,
+                            options={})
+        used = select_impl(spec, impl, info).name if spec.impls else impl
+
+        def run(which, dtype):
+            mod = module64 if dtype == torch.float64 else module
+            params = list(mod.parameters())
+            a, b, c = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+            out = mod(a, b, c, causal=causal, cross=cross, impl=which, nan_policy="propagate", **options)
+            grads = torch.autograd.grad(out, (a, b, c, *params), dout.to(out.dtype), allow_unused=True)
+            return [out.detach()] + [torch.zeros(()) if gr is None else gr for gr in grads]
+    else:
+        options = {**spec.test_options, **dict(options)}
+        info = check_inputs(spec, q.float().requires_grad_(True), k.float(), v.float(), causal=causal, cross=cross,
+                            options=options)
+        used = select_impl(spec, impl, info).name
+
+        def run(which, dtype):
+            a, b, c = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+            out = attention(a, b, c, method=method, impl=which, causal=causal, cross=cross,
+                            nan_policy="propagate", **options)
+            return [out.detach()] + list(torch.autograd.grad(out, (a, b, c), dout.to(out.dtype)))
+
+    # a learned-query method (aaren) outputs one row per key
+    dout = torch.randn(s["batch"], s["heads"], nk if spec.query == "learned" else nq, s["head_dim"],
+                       generator=g, dtype=torch.float64)
+    ref64 = run("reference", torch.float64)
+    ref32 = run("reference", torch.float32)
+    fast = run(used, torch.float32)
+    fudge = (spec.get_impl(used).fudge if used in spec.impl_names else None) or spec.fudge
+    failures, errors, tolerance = [], [], None
+    for i, (f, r, t) in enumerate(zip(fast, ref32, ref64)):
+        name = ("out", "dq", "dk", "dv")[i] if i < 4 else f"param{i - 4}"
+        if f.shape != t.shape:
+            failures.append(f"{name}: shape {tuple(f.shape)} != reference {tuple(t.shape)}")
+            continue
+        if not torch.isfinite(f).all():
+            failures.append(f"{name}: non-finite values")
+            continue
+        floor = REL_FLOOR * max(float(t.abs().max()) if t.numel() else 0.0, 1.0)
+        err_fast, err_ref = _max_err(f, t), _max_err(r, t)
+        bound = fudge * err_ref + floor
+        errors.append(err_fast)
+        if i == 0:
+            tolerance = bound
+        if err_fast > bound:
+            failures.append(f"{name}: err(fast)={err_fast:.3e} > {fudge} * err(ref)={err_ref:.3e} + {floor:.1e}")
+    return {
+        "status": "failed" if failures else "ok",
+        "impl_used": used,
+        "out_error": errors[0] if errors else None,
+        "grad_error": max(errors[1:]) if len(errors) > 1 else None,
+        "tolerance": tolerance,
+        "message": "; ".join(failures) or None,
+    }
+
+
+def check_all(items: list) -> list:
+    """Run :func:`quick_check` for each ``(method, impl, pattern, options)``; an exception
+    becomes ``status="error"`` so one broken method does not stop the others."""
+    out = []
+    for method, impl, pattern, options in items:
+        try:
+            out.append(quick_check(method, impl, pattern, options))
+        except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+            out.append({"status": "error", "impl_used": None, "out_error": None, "grad_error": None,
+                        "tolerance": None, "message": f"{type(e).__name__}: {e}"})
+    return out

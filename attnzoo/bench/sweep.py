@@ -1,0 +1,254 @@
+"""The two sweeps behind ``attnzoo bench``: efficiency and tasks.
+
+Both read their settings from a TOML config (``benchmarks/*.toml``: an
+``[efficiency]`` and a ``[tasks]`` table), overridable from the command line, and
+append one record per finished case to a :class:`~attnzoo.bench.results.ResultsFile`,
+skipping cases already there when resuming.
+
+Efficiency: every method first passes :func:`attnzoo.bench.check.quick_check` in each
+pattern it will be timed in (one worker process per method); then each
+(dtype, pattern, length, mode, method) case runs in its own worker process
+(:mod:`attnzoo.bench.worker`), torch's SDPA first at every point so that ratios are
+taken within the run. A method whose check failed gets ``status="failed_check"``
+records instead of timings.
+
+Tasks: each (task, setting, method) trains a small model in its own worker process;
+``workers`` of them run side by side, each with ``threads`` torch threads.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict
+from typing import Callable, Optional
+
+from .. import registry
+from ..errors import AttentionInputError
+from . import efficiency as eff
+from .results import ResultsFile, jsonable
+from .worker import run_isolated
+
+#: The [efficiency] settings and their defaults (a config or the command line overrides them).
+EFFICIENCY_DEFAULTS = {
+    "methods": "all",  # "all", or method / method:impl names (a list or a comma-separated string)
+    "patterns": list(registry.PATTERNS),
+    "lengths": [1024, 2048, 4096, 8192],
+    "dtypes": ["float32", "bfloat16"],
+    "modes": ["fwd", "fwd+bwd"],
+    "batch": 1,
+    "heads": 8,
+    "kv_heads": None,
+    "head_dim": 64,
+    "repeats": 3,
+    "timeout": 300.0,  # seconds per case
+    "memory_limit_mib": None,  # address-space cap per case
+    "check": True,  # the quick fast-vs-reference check before timing
+    "error": False,  # also measure each output's error against exact softmax
+    "options": {},  # {"name": value} for every method that has it, {"method.name": value} for one
+    "decode_positions": [],  # also time a decode step after prefills of these lengths
+}
+
+ProgressFn = Callable[[str, int], None]  # (description, cases just finished)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [x.strip() for x in value.split(",") if x.strip()]
+    return list(value)
+
+
+def efficiency_settings(config: dict, overrides: Optional[dict] = None) -> dict:
+    """Defaults, then the config's ``[efficiency]`` table, then the non-None overrides; validated."""
+    table = dict(config.get("efficiency", {}))
+    unknown = set(table) - set(EFFICIENCY_DEFAULTS)
+    if unknown:
+        raise AttentionInputError(f"[efficiency] has unknown keys {sorted(unknown)}; "
+                                  f"known: {', '.join(EFFICIENCY_DEFAULTS)}")
+    s = {**EFFICIENCY_DEFAULTS, **table, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    s["patterns"] = _as_list(s["patterns"])
+    s["lengths"] = [int(n) for n in _as_list(s["lengths"])]
+    s["dtypes"] = _as_list(s["dtypes"])
+    s["modes"] = _as_list(s["modes"])
+    s["decode_positions"] = [int(n) for n in _as_list(s["decode_positions"])]
+    for p in s["patterns"]:
+        if p not in registry.PATTERNS:
+            raise AttentionInputError(f"patterns: {p!r} is not one of {', '.join(registry.PATTERNS)}")
+    for d in s["dtypes"]:
+        if d not in eff.DTYPES:
+            raise AttentionInputError(f"dtypes: {d!r} is not one of {', '.join(eff.DTYPES)}")
+    for m in s["modes"]:
+        if m not in ("fwd", "fwd+bwd"):
+            raise AttentionInputError(f"modes: {m!r} is not fwd or fwd+bwd")
+    if not s["lengths"] or min(s["lengths"]) < 1:
+        raise AttentionInputError(f"lengths must be positive integers, got {s['lengths']}")
+    if not s["memory_limit_mib"]:
+        s["memory_limit_mib"] = None
+    return s
+
+
+def resolve_methods(methods) -> list[tuple[str, str]]:
+    """``"all"`` -> SDPA-backed and tiled softmax plus every other registered method;
+    otherwise the listed ``method`` / ``method:impl`` names (validated)."""
+    items = _as_list(methods)
+    if items == ["all"]:
+        items = ["softmax:sdpa", "softmax:tiled"] + [s.name for s in registry.methods() if s.name != "softmax"]
+    return eff.parse_methods(",".join(items))
+
+
+def method_options(options: dict, method_names: list) -> dict:
+    """``{"window": 256, "neighborhood.grid": [128, 128]}`` -> per-method ``(name, value)`` tuples.
+
+    ``name`` applies to every chosen method that has the option, ``method.name`` to
+    that method only; an option no chosen method takes is an error (a typo otherwise
+    silently benchmarks the defaults)."""
+    out: dict = {}
+    for key, value in (options or {}).items():
+        target, _, name = key.rpartition(".")
+        value = tuple(value) if isinstance(value, list) else value
+        hit = False
+        for m in method_names:
+            if m == eff.BASELINE or (target and m != target):
+                continue
+            if name in registry.get(m).options:
+                out[m] = out.get(m, ()) + ((name, value),)
+                hit = True
+        if not hit:
+            raise AttentionInputError(f"option {key!r}: no chosen method has an option {name!r}")
+    return out
+
+
+def efficiency_plan(settings: dict) -> tuple[list, list]:
+    """``(checks, cases)``: the (method, impl, pattern, options) checks and the BenchCases."""
+    methods = resolve_methods(settings["methods"])
+    options = method_options(settings["options"], [m for m, _ in methods])
+    common = dict(batch=settings["batch"], heads=settings["heads"], kv_heads=settings["kv_heads"],
+                  head_dim=settings["head_dim"], repeats=settings["repeats"], error=settings["error"])
+    cases = []
+    for dtype in settings["dtypes"]:
+        cases += eff.build_cases(methods, settings["lengths"], settings["modes"], settings["patterns"], dtype,
+                                 options_for=lambda name: options.get(name, ()), **common)
+    checks = []
+    if settings["check"]:
+        seen = set()
+        for c in cases:
+            item = (c.method, c.impl, c.pattern, c.options)
+            if c.method != eff.BASELINE and item not in seen:
+                seen.add(item)
+                checks.append(item)
+    return checks, cases
+
+
+def check_key(method: str, impl: str, pattern: str, options: tuple) -> str:
+    return "check|" + json.dumps(jsonable([method, impl, pattern, dict(options)]))
+
+
+def run_checks(checks: list, results: ResultsFile, run_id: str, timeout: float,
+               progress: Optional[ProgressFn] = None, isolate: bool = True) -> dict:
+    """Quick checks, one worker per method (in this process without ``isolate``);
+    returns ``{check item: record}`` (resumed records included)."""
+    from .check import check_all
+
+    out = {}
+    by_method: dict = {}
+    for item in checks:
+        key = check_key(*item)
+        if key in results.records:
+            out[item] = results.records[key]
+        else:
+            by_method.setdefault(item[0], []).append(item)
+    for method, items in by_method.items():
+        if progress:
+            progress(f"checking {method} against its reference", 0)
+        status, value = run_isolated(check_all, (items,), timeout) if isolate else ("ok", check_all(items))
+        if status != "ok":
+            value = [{"status": "error", "impl_used": None, "out_error": None, "grad_error": None, "tolerance": None,
+                      "message": f"check worker {status}: {value}"}] * len(items)
+        for item, res in zip(items, value):
+            record = {"kind": "check", "key": check_key(*item), "method": item[0], "impl": item[1],
+                      "label": item[0] if item[1] == "auto" else f"{item[0]}:{item[1]}", "pattern": item[2],
+                      "options": jsonable(dict(item[3])), **res, "run_id": run_id}
+            results.append(record)
+            out[item] = record
+    return out
+
+
+def run_efficiency(settings: dict, results: ResultsFile, run_id: str, isolate: bool = True,
+                   progress: Optional[ProgressFn] = None) -> list:
+    """Checks then timings; returns the BenchResults measured (or failed) in this invocation."""
+    checks, cases = efficiency_plan(settings)
+    verdicts = run_checks(checks, results, run_id, settings["timeout"], progress, isolate)
+    out = []
+    for case in cases:
+        if case.key() in results.done:
+            if progress:
+                progress(f"{case.label} N={case.seq_len} (done)", 1)
+            continue
+        verdict = verdicts.get((case.method, case.impl, case.pattern, case.options))
+        if verdict is not None and verdict["status"] != "ok":
+            result = eff.BenchResult(case, "failed_check", impl_used=verdict.get("impl_used"),
+                                     error=f"quick check {verdict['status']}: {verdict.get('message')}")
+        else:
+            result = eff.run_case(case, settings["timeout"], isolate, settings["memory_limit_mib"])
+        results.append(result.record(run_id))
+        out.append(result)
+        if progress:
+            progress(f"{case.label} {case.pattern} N={case.seq_len} {case.mode} {case.dtype}", 1)
+    return out
+
+
+def count_efficiency(settings: dict) -> int:
+    return len(efficiency_plan(settings)[1])
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def _train_in_worker(case, threads: int) -> dict:
+    import torch
+
+    from .tasks.suite import run_task
+
+    torch.set_num_threads(threads)
+    return run_task(case)
+
+
+def task_record(case, status: str, value, run_id: str) -> dict:
+    record = {"kind": "task", "key": case.key(), "task": case.task, "pattern": case.pattern, "method": case.method,
+              "seq_len": case.seq_len, "setting": jsonable(dict(case.setting)), "case": jsonable(asdict(case)),
+              "status": status, "accuracy": None, "chance": None, "loss": None, "train_s": None,
+              "steps": case.steps, "params": None, "error": None, "run_id": run_id}
+    if status == "ok":
+        record.update(value)
+    else:
+        record["error"] = str(value)
+    return record
+
+
+def run_tasks(cases: list, results: ResultsFile, run_id: str, workers: int = 2, threads: int = 1,
+              timeout: float = 600.0, progress: Optional[ProgressFn] = None) -> list:
+    """Train every case not yet in ``results``, ``workers`` at a time; returns the records."""
+    todo = []
+    for case in cases:
+        if case.key() in results.done:
+            if progress:
+                progress(f"{case.task} {case.method} (done)", 1)
+        else:
+            todo.append(case)
+    out = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = {pool.submit(run_isolated, _train_in_worker, (case, threads), timeout): case for case in todo}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                case = pending.pop(fut)
+                status, value = fut.result()
+                record = task_record(case, status, value, run_id)
+                results.append(record)
+                out.append(record)
+                if progress:
+                    acc = record["accuracy"]
+                    progress(f"{case.task} {case.method}: " + (f"acc {acc:.2f}" if acc is not None else status), 1)
+    return out

@@ -1,0 +1,170 @@
+"""The benchmark suite's machinery: configs, results files, resume after a kill, the
+quick correctness check, and the efficiency sweep's records."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnzoo import cli, registry
+from attnzoo.bench import sweep
+from attnzoo.bench.check import quick_check
+from attnzoo.bench.results import ResultsFile, load_config, read_records
+from attnzoo.errors import AttentionInputError
+from attnzoo.registry import Impl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+name = "tiny"
+[efficiency]
+methods = ["softmax:tiled", "sigmoid", "linear"]
+patterns = ["causal_self", "noncausal_cross"]
+lengths = [32, 48, 64]
+dtypes = ["float32"]
+modes = ["fwd"]
+heads = 2
+head_dim = 16
+repeats = {repeats}
+timeout = 60
+"""
+
+
+def _tiny_config(tmp_path, repeats=1) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(repeats=repeats))
+    return path
+
+
+def test_shipped_configs_parse_and_cover_all_four_patterns():
+    for name in ("quick", "full"):
+        config, path = load_config(name)
+        assert path.parent.name == "benchmarks"
+        settings = sweep.efficiency_settings(config)
+        assert set(settings["patterns"]) == set(registry.PATTERNS)
+        checks, cases = sweep.efficiency_plan(settings)
+        assert {c.pattern for c in cases} == set(registry.PATTERNS)
+        # every registered method is timed in every pattern it supports
+        for spec in registry.methods():
+            assert {c.pattern for c in cases if c.method == spec.name} == set(spec.patterns), spec.name
+        assert "tasks" in config, f"{name}.toml has no [tasks] table"
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(AttentionInputError, match="unknown keys.*lenghts"):
+        sweep.efficiency_settings({"efficiency": {"lenghts": [1]}})
+    with pytest.raises(AttentionInputError, match="dtypes.*float8"):
+        sweep.efficiency_settings({}, {"dtypes": "float8"})
+    with pytest.raises(AttentionInputError, match="no chosen method has an option 'windw'"):
+        sweep.efficiency_plan(sweep.efficiency_settings({}, {"methods": "sliding_window", "options": {"windw": 3}}))
+    with pytest.raises(AttentionInputError, match="not found"):
+        load_config("no-such-config")
+
+
+def test_options_apply_to_the_methods_that_have_them():
+    opts = sweep.method_options({"window": 32, "neighborhood.grid": [8, 8]},
+                                ["torch_sdpa", "sliding_window", "neighborhood"])
+    assert opts == {"sliding_window": (("window", 32),), "neighborhood": (("grid", (8, 8)),)}
+    assert cli.parse_options(["window=32", "neighborhood.grid=(8, 8)", "name=abc"]) == {
+        "window": 32, "neighborhood.grid": (8, 8), "name": "abc"}
+
+
+def test_results_file_cuts_a_partial_line_and_resumes(tmp_path):
+    path = tmp_path / "x.jsonl"
+    with ResultsFile(path, resume=False) as f:
+        f.append({"kind": "run", "run_id": "a"})
+        f.append({"kind": "efficiency", "key": "k1", "v": 1})
+    with open(path, "a") as raw:  # a write cut off by a kill
+        raw.write('{"kind": "efficiency", "key": "k2", "v"')
+    assert [r.get("key") for r in read_records(path)] == [None, "k1"]
+    with ResultsFile(path, resume=True) as f:
+        assert f.done == {"k1"}
+        f.append({"kind": "efficiency", "key": "k2", "v": 2})
+    lines = path.read_text().splitlines()
+    assert [json.loads(line).get("key") for line in lines] == [None, "k1", "k2"]  # every line is JSON again
+    with ResultsFile(path, resume=False) as f:  # a fresh run moves the old file aside
+        assert f.done == set()
+    assert path.stat().st_size == 0 and (tmp_path / "x.jsonl.prev").exists()
+
+
+def test_efficiency_sweep_records_checks_cases_and_run(tmp_path, capsys):
+    config = _tiny_config(tmp_path)
+    code = cli.main(["bench", "efficiency", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert code == 0
+    records = list(read_records(tmp_path / "out" / "efficiency.jsonl"))
+    runs = [r for r in records if r["kind"] == "run"]
+    assert len(runs) == 1 and runs[0]["config"]["name"] == "tiny" and runs[0]["config_file"] == str(config)
+    assert runs[0]["machine"]["torch"] == torch.__version__ and "git_commit" in runs[0]
+    checks = [r for r in records if r["kind"] == "check"]
+    # 3 methods x 2 patterns; linear lacks nothing here
+    assert len(checks) == 6 and all(c["status"] == "ok" for c in checks)
+    cases = [r for r in records if r["kind"] == "efficiency"]
+    assert len(cases) == 4 * 2 * 3  # (baseline + 3 methods) x 2 patterns x 3 lengths
+    assert all(c["status"] == "ok" and c["median_s"] > 0 and c["run_id"] == runs[0]["run_id"] for c in cases)
+    assert len({c["key"] for c in cases}) == len(cases)
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_a_method_failing_its_check_is_reported_not_timed(tmp_path, monkeypatch):
+    spec = registry.get("sigmoid")
+    good = spec.impls[0]
+
+    def wrong(q, k, v, **kw):
+        return good.fn(q, k, v, **kw) * 1.01  # fast and 1% off
+
+    monkeypatch.setattr(spec, "impls", [Impl(good.name, wrong, supports=good.supports, mask_mod=good.mask_mod)])
+    verdict = quick_check("sigmoid", "auto", "causal_self")
+    assert verdict["status"] == "failed" and "out" in verdict["message"]
+    assert quick_check("linear", "auto", "causal_self")["status"] == "ok"
+    code = cli.main(["bench", "efficiency", "--config", str(_tiny_config(tmp_path)), "--out", str(tmp_path / "o"),
+                     "--no-isolate", "--methods", "sigmoid,linear", "--strict"])
+    assert code == 1
+    records = list(read_records(tmp_path / "o" / "efficiency.jsonl"))
+    sig = [r for r in records if r["kind"] == "efficiency" and r["method"] == "sigmoid"]
+    assert sig and all(r["status"] == "failed_check" and not r["times_s"] for r in sig)
+    lin = [r for r in records if r["kind"] == "efficiency" and r["method"] == "linear"]
+    assert lin and all(r["status"] == "ok" for r in lin)
+
+
+def test_resume_after_a_kill_loses_nothing_and_duplicates_nothing(tmp_path):
+    """Kill a sweep mid-run (SIGKILL, the whole process group), leave a torn last line,
+    resume: every planned case is there exactly once."""
+    config = _tiny_config(tmp_path, repeats=40)
+    out = tmp_path / "out"
+    results = out / "efficiency.jsonl"
+    cmd = [sys.executable, "-m", "attnzoo", "bench", "efficiency", "--config", str(config), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    deadline = time.time() + 120
+    done_before_kill = 0
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists():
+            done_before_kill = sum('"kind": "efficiency"' in line for line in results.read_text().splitlines())
+            if done_before_kill >= 3:
+                break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    total = 4 * 2 * 3
+    assert 3 <= done_before_kill < total, "the sweep should have been killed mid-run"
+    with open(results, "a") as f:
+        f.write('{"kind": "efficiency", "key": "torn')  # as if the kill hit a write
+    subprocess.run(cmd + ["--resume"], cwd=ROOT, check=True, capture_output=True, env=env)
+    records = list(read_records(results))
+    cases = [r for r in records if r["kind"] == "efficiency"]
+    keys = [r["key"] for r in cases]
+    assert len(keys) == len(set(keys)) == total
+    assert all(r["status"] == "ok" for r in cases)
+    assert len([r for r in records if r["kind"] == "run"]) == 2
+    assert all(line.startswith("{") and line.endswith("}") for line in results.read_text().splitlines())
+    _, planned = sweep.efficiency_plan(sweep.efficiency_settings(load_config(str(config))[0]))
+    assert set(keys) == {c.key() for c in planned}
