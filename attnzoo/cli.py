@@ -83,7 +83,8 @@ def cmd_bench_efficiency(args, config=None, config_path=None) -> int:
     overrides = {"methods": args.methods, "patterns": args.patterns, "lengths": args.lengths, "dtypes": args.dtypes,
                  "modes": args.modes, "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
                  "head_dim": args.head_dim, "repeats": args.repeats, "timeout": args.timeout,
-                 "memory_limit_mib": args.memory_limit, "decode_positions": args.decode_positions}
+                 "memory_limit_mib": args.memory_limit, "decode_positions": args.decode_positions,
+                 "device": args.device}
     if args.error:
         overrides["error"] = True
     if args.no_check:
@@ -180,7 +181,7 @@ def cmd_report(args) -> int:
     from .bench.report import main_summary, render_report
 
     render_report(args.results, args.report_dir)
-    print(main_summary(args.results))
+    print(main_summary(args.results, args.report_dir))
     return 0
 
 
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeats", type=int, default=None, help="timed runs per case (after one warm-up)")
         p.add_argument("--memory-limit", type=float, default=None, help="MiB of address space per case (RLIMIT_AS)")
         p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+        p.add_argument("--device", default=None, help="cpu (default) or cuda: synchronised timing and the "
+                       "allocator's peak memory")
         p.add_argument("--error", action="store_true",
                        help="also report each output's max error against exact softmax (SDPA) on the same inputs")
         p.add_argument("--option", action="append", default=[], metavar="[METHOD.]NAME=VALUE",

@@ -5,7 +5,9 @@ measured in the same run.
 Each (method, length, mode) case runs in its own worker process
 (:mod:`attnzoo.bench.worker`). Time is the median of ``repeats`` runs after one
 warm-up; peak memory is the growth of the resident set high-water mark during the
-first (warm-up) call, above the inputs: what the attention itself needed.
+first (warm-up) call, above the inputs: what the attention itself needed. On CUDA
+(``device="cuda"``) the calls are synchronised and the allocator's peak above the
+inputs is recorded too (``peak_alloc_mib``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class BenchCase:
     repeats: int = 3
     options: tuple = ()  # method options as (name, value) pairs
     error: bool = False  # also measure the output's error against exact softmax (SDPA)
+    device: str = "cpu"  # "cuda": timed with synchronisation, plus the allocator's peak
 
     @property
     def label(self) -> str:
@@ -67,6 +70,7 @@ class BenchResult:
     error: Optional[str] = None
     density: Optional[float] = None  # fraction of the visible keys used, when the method reports it
     max_error: Optional[float] = None  # max |out - softmax(q, k, v)|, with BenchCase.error
+    peak_alloc_mib: Optional[float] = None  # the device allocator's peak above the inputs (CUDA)
 
     @property
     def median_s(self) -> Optional[float]:
@@ -86,7 +90,7 @@ class BenchResult:
         out.update(options=jsonable(dict(self.case.options)), label=self.case.label, status=self.status,
                    times_s=self.times_s, median_s=self.median_s, spread=self.spread, peak_mib=self.peak_mib,
                    impl_used=self.impl_used, error=self.error, density=self.density, max_error=self.max_error,
-                   run_id=run_id)
+                   peak_alloc_mib=self.peak_alloc_mib, run_id=run_id)
         return out
 
 
@@ -116,6 +120,7 @@ def make_inputs(case: BenchCase, requires_grad: bool):
     q = torch.randn(case.batch, case.heads, nq, case.head_dim, generator=g).to(dtype)
     k = torch.randn(case.batch, hkv, nk, case.head_dim, generator=g).to(dtype)
     v = torch.randn(case.batch, hkv, nk, case.head_dim, generator=g).to(dtype)
+    q, k, v = (t.to(case.device) for t in (q, k, v))
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
     return q, k, v
@@ -130,7 +135,7 @@ def _runner(case: BenchCase):
         def call(q, k, v):
             Nq, Nk = q.shape[2], k.shape[2]
             if causal and Nq != Nk:
-                mask = torch.ones(Nq, Nk, dtype=torch.bool).tril(diagonal=Nk - Nq)
+                mask = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(diagonal=Nk - Nq)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -146,7 +151,8 @@ def _runner(case: BenchCase):
         # options the module's constructor takes (e.g. routing's num_clusters) build it; the rest go to the call
         ctor = set(inspect.signature(spec.module.__init__).parameters) - {"self", "heads", "kv_heads", "head_dim"}
         built = {name: options.pop(name) for name in list(options) if name in ctor}
-        module = spec.module(heads=case.heads, kv_heads=case.kv_heads or case.heads, head_dim=case.head_dim, **built)
+        module = spec.module(heads=case.heads, kv_heads=case.kv_heads or case.heads, head_dim=case.head_dim,
+                             **built).to(case.device)
 
     def call(q, k, v):
         if module is not None:
@@ -184,11 +190,19 @@ def measure(case: BenchCase) -> dict:
 
     from .. import stats
 
+    cuda = torch.device(case.device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        alloc_base = torch.cuda.memory_allocated()
     reset_peak_rss()
     base = rss_mib()
     with stats.collect() as collected:
         once()
+        sync()
     peak = max(0.0, peak_rss_mib() - base)
+    peak_alloc = (torch.cuda.max_memory_allocated() - alloc_base) / 2**20 if cuda else None
     density = statistics.fmean(collected["density"]) if collected.get("density") else None
     max_error = None
     if case.error:
@@ -198,16 +212,19 @@ def measure(case: BenchCase) -> dict:
         with torch.no_grad():
             out = call(q, k, v).float()
             Nq, Nk = q.shape[2], k.shape[2]
-            mask = torch.ones(Nq, Nk, dtype=torch.bool).tril(diagonal=Nk - Nq) if causal else None
+            mask = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(diagonal=Nk - Nq) if causal else None
             exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                    enable_gqa=k.shape[1] != q.shape[1])
             max_error = float((out - exact).abs().max())
     times = []
     for _ in range(case.repeats):
+        sync()
         t0 = time.perf_counter()
         once()
+        sync()
         times.append(time.perf_counter() - t0)
-    return {"times_s": times, "peak_mib": peak, "impl_used": used, "density": density, "max_error": max_error}
+    return {"times_s": times, "peak_mib": peak, "impl_used": used, "density": density, "max_error": max_error,
+            "peak_alloc_mib": peak_alloc}
 
 
 def run_case(case: BenchCase, timeout: float = 600.0, isolate: bool = True, memory_limit_mib=None) -> BenchResult:

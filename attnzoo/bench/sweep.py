@@ -23,6 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from typing import Callable, Optional
 
+import torch
+
 from .. import registry
 from ..errors import AttentionInputError
 from . import efficiency as eff
@@ -47,6 +49,7 @@ EFFICIENCY_DEFAULTS = {
     "error": False,  # also measure each output's error against exact softmax
     "options": {},  # {"name": value} for every method that has it, {"method.name": value} for one
     "decode_positions": [],  # also time a decode step after prefills of these lengths
+    "device": "cpu",  # or "cuda": synchronised timing plus the allocator's peak
 }
 
 ProgressFn = Callable[[str, int], None]  # (description, cases just finished)
@@ -84,6 +87,9 @@ def efficiency_settings(config: dict, overrides: Optional[dict] = None) -> dict:
             raise AttentionInputError(f"modes: {m!r} is not fwd or fwd+bwd")
     if not s["lengths"] or min(s["lengths"]) < 1:
         raise AttentionInputError(f"lengths must be positive integers, got {s['lengths']}")
+    if s["device"] != "cpu" and not (s["device"].startswith("cuda") and torch.cuda.is_available()):
+        raise AttentionInputError(f"device: {s['device']!r} is not available here; use 'cpu'"
+                                  + (" or 'cuda'" if torch.cuda.is_available() else ""))
     if not s["memory_limit_mib"]:
         s["memory_limit_mib"] = None
     return s
@@ -125,7 +131,8 @@ def efficiency_plan(settings: dict) -> tuple[list, list]:
     methods = resolve_methods(settings["methods"])
     options = method_options(settings["options"], [m for m, _ in methods])
     common = dict(batch=settings["batch"], heads=settings["heads"], kv_heads=settings["kv_heads"],
-                  head_dim=settings["head_dim"], repeats=settings["repeats"], error=settings["error"])
+                  head_dim=settings["head_dim"], repeats=settings["repeats"], error=settings["error"],
+                  device=settings["device"])
     cases = []
     for dtype in settings["dtypes"]:
         cases += eff.build_cases(methods, settings["lengths"], settings["modes"], settings["patterns"], dtype,
@@ -207,8 +214,6 @@ def count_efficiency(settings: dict) -> int:
 
 
 def _train_in_worker(case, threads: int) -> dict:
-    import torch
-
     from .tasks.suite import run_task
 
     torch.set_num_threads(threads)
