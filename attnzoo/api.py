@@ -370,12 +370,7 @@ def _broadcastable(shape, target) -> bool:
 
 
 def _is_tracing() -> bool:
-    try:
-        import torch._dynamo as dynamo
-
-        if dynamo.is_compiling():
-            return True
-    except Exception:  # pragma: no cover
-        pass
-    return torch.jit.is_tracing()
+    # torch.compiler.is_compiling() is cheap; importing torch._dynamo to ask it would
+    # cost ~1 s on the first call of a process (every benchmark worker)
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
