@@ -14,7 +14,7 @@ from rich.table import Table
 from . import registry
 
 LIST_COLUMNS = ["method", "family", "patterns", "exact", "time", "memory", "impls", "learnable", "masks", "gqa",
-                "decoding", "paper"]
+                "decoding", "strictly causal", "paper"]
 
 
 def methods_markdown() -> str:
@@ -200,7 +200,9 @@ def tasks_table(records) -> Table:
 def _bench_decode(settings, methods, console, results, run_id) -> bool:
     """Per-token decode step time at each position (constant-state methods stay flat)."""
     from .bench import efficiency as eff
+    from .bench.sweep import method_options
 
+    options = method_options(settings["options"], [m for m, _ in methods])
     positions = settings["decode_positions"]
     names = []
     for name, _ in methods:
@@ -213,13 +215,18 @@ def _bench_decode(settings, methods, console, results, run_id) -> bool:
     for name in names:
         cells, first, last = [], None, None
         for p in positions:
+            opts = {**registry.get(name).bench_options, **dict(options.get(name, ()))}
             case = eff.DecodeCase(name, p, dtype=settings["dtypes"][0], batch=settings["batch"],
                                   heads=settings["heads"], kv_heads=settings["kv_heads"],
-                                  head_dim=settings["head_dim"])
-            res = eff.run_decode(case, timeout=settings["timeout"])
-            rec = {k: v for k, v in res.items() if k != "case"}
-            results.append({"kind": "decode", "key": f"decode|{case}", "method": name, "position": p, **rec,
-                            "run_id": run_id})
+                                  head_dim=settings["head_dim"], options=tuple(opts.items()))
+            key = f"decode|{case}"
+            if key in results.done:
+                res = dict(results.records[key])
+            else:
+                res = eff.run_decode(case, timeout=settings["timeout"])
+                rec = {k: v for k, v in res.items() if k != "case"}
+                results.append({"kind": "decode", "key": key, "method": name, "position": p, **rec,
+                                "run_id": run_id})
             if res["status"] != "ok":
                 ok = False
                 cells.append(res["status"].upper())
@@ -259,13 +266,13 @@ def results_table(results) -> Table:
 
     ratio = eff.ratios(results)
     table = Table(title="time (ms, median) and peak memory above inputs (MiB); ratio = time / torch SDPA, same run")
-    for c in ("pattern", "N", "method", "impl", "fwd ms", "fwd ratio", "fwd MiB", "fwd+bwd ms", "f+b ratio",
+    for c in ("pattern", "dtype", "N", "method", "impl", "fwd ms", "fwd ratio", "fwd MiB", "fwd+bwd ms", "f+b ratio",
               "f+b MiB", "density", "max err"):
-        table.add_column(c, justify="right" if c not in ("pattern", "method", "impl") else "left")
+        table.add_column(c, justify="right" if c not in ("pattern", "dtype", "method", "impl") else "left")
     rows = {}
     for r in results:
         c = r.case
-        key = (c.pattern, c.seq_len, c.label)
+        key = (c.pattern, c.dtype, c.seq_len, c.label)
         row = rows.setdefault(key, {"impl": r.impl_used or c.impl, "density": "", "max err": ""})
         if r.density is not None:
             row["density"] = f"{r.density:.3f}"
@@ -277,10 +284,10 @@ def results_table(results) -> Table:
             rat = ratio[id(r)]
             row[c.mode] = (_fmt_ms(r.median_s), "-" if rat is None else f"{rat:.2f}x",
                            "-" if r.peak_mib is None else f"{r.peak_mib:,.0f}")
-    for (pattern, n, label), row in rows.items():
+    for (pattern, dtype, n, label), row in rows.items():
         f = row.get("fwd", ("", "", ""))
         fb = row.get("fwd+bwd", ("", "", ""))
-        table.add_row(pattern, str(n), label.split(":")[0], row["impl"], *f, *fb, row["density"], row["max err"])
+        table.add_row(pattern, dtype, str(n), label.split(":")[0], row["impl"], *f, *fb, row["density"], row["max err"])
     return table
 
 

@@ -119,6 +119,12 @@ class MethodSpec:
             on its aligned position ``i + Nk - Nq`` and so on the number of queries
             (sliding windows, dilated windows): such a method cannot decode
             cross-attention one query at a time.
+        causal_leak: empty when the causal forms are strictly causal (output ``i`` depends
+            on no input after ``i``). Otherwise why not: methods that pick keys from pooled
+            query blocks, regions or a balanced clustering (as their papers do for a known
+            prompt) mask later keys out of the sums, but the *choice* of keys sees later
+            tokens, so a model trained with them can read the future a little. Checked
+            both ways by the contract tests (:func:`attnzoo.bench.check.causal_leak`).
         query: ``"tokens"`` (one query per position, the usual) or ``"learned"``: the
             method attends with one learned query per head, passed as ``q (B, Hq, 1, D)``,
             and returns one output per key, ``(B, Hq, Nk, Dv)`` (e.g. Aaren).
@@ -152,6 +158,7 @@ class MethodSpec:
     rows_independent: bool = True
     step_impls: tuple = ()  # named decoding implementations ``step(impl=...)`` accepts besides "auto"
     bench_options: dict = field(default_factory=dict)  # options the benchmark needs (e.g. a block layout)
+    causal_leak: str = ""  # why the causal forms' outputs depend on later tokens ("" = strictly causal)
 
     def __post_init__(self) -> None:
         unknown = set(self.patterns) - set(PATTERNS)
@@ -197,6 +204,8 @@ class MethodSpec:
             "masks": "any" if self.masks else "padding",
             "gqa": "yes" if self.gqa else "",
             "decoding": "yes" if self.decoding else "",
+            "strictly causal": ("" if not any(p.startswith("causal") for p in self.patterns)
+                                else "no: key choice sees later tokens" if self.causal_leak else "yes"),
             "paper": self.paper,
         }
 

@@ -81,15 +81,16 @@ def test_results_file_cuts_a_partial_line_and_resumes(tmp_path):
     path = tmp_path / "x.jsonl"
     with ResultsFile(path, resume=False) as f:
         f.append({"kind": "run", "run_id": "a"})
-        f.append({"kind": "efficiency", "key": "k1", "v": 1})
+        f.append({"kind": "efficiency", "key": "k1", "status": "ok"})
+        f.append({"kind": "efficiency", "key": "k3", "status": "timeout"})
     with open(path, "a") as raw:  # a write cut off by a kill
-        raw.write('{"kind": "efficiency", "key": "k2", "v"')
-    assert [r.get("key") for r in read_records(path)] == [None, "k1"]
+        raw.write('{"kind": "efficiency", "key": "k2", "st')
+    assert [r.get("key") for r in read_records(path)] == [None, "k1", "k3"]
     with ResultsFile(path, resume=True) as f:
-        assert f.done == {"k1"}
-        f.append({"kind": "efficiency", "key": "k2", "v": 2})
+        assert f.done == {"k1"}  # a timed-out case is run again
+        f.append({"kind": "efficiency", "key": "k2", "status": "ok"})
     lines = path.read_text().splitlines()
-    assert [json.loads(line).get("key") for line in lines] == [None, "k1", "k2"]  # every line is JSON again
+    assert [json.loads(line).get("key") for line in lines] == [None, "k1", "k3", "k2"]  # every line is JSON again
     with ResultsFile(path, resume=False) as f:  # a fresh run moves the old file aside
         assert f.done == set()
     assert path.stat().st_size == 0 and (tmp_path / "x.jsonl.prev").exists()

@@ -217,3 +217,33 @@ def test_exact_methods_equal_torch_sdpa(method, pattern):
             continue
         out = az.attention(q, k, v, method=method, impl=impl, causal=causal, key_padding_mask=kpm, cross=cross)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5, msg=f"{method}:{impl}")
+
+
+def _causal_specs():
+    for spec in SPECS:
+        if any(p.startswith("causal") for p in spec.patterns):
+            yield pytest.param(spec.name, id=spec.name)
+
+
+@pytest.mark.parametrize("method", list(_causal_specs()))
+def test_causal_forms_are_causal_or_say_why_not(method):
+    """Redraw every input after a position: the outputs up to it must not move, unless
+    the spec declares (``causal_leak``) that the method's key selection sees later
+    tokens — and then the probe must find it, so the declaration stays true."""
+    from attnzoo.bench.check import causal_leak
+
+    spec = az.get(method)
+    leaks = {}
+    for p in spec.patterns:
+        for impl in spec.impl_names:
+            if p.startswith("causal"):
+                try:
+                    leaks[(p, impl)] = causal_leak(method, p, impl)
+                except UnsupportedImpl:  # FlexAttention on CPU takes no float64: the probe's other impls do
+                    continue
+    assert ("causal_self" if "causal_self" in spec.patterns else "causal_cross", "reference") in leaks
+    if spec.causal_leak:
+        assert max(leaks.values()) > 1e-3, f"{method} declares causal_leak but no probe finds one"
+    else:
+        bad = {key: d for key, d in leaks.items() if d > 1e-9}
+        assert not bad, f"outputs change when only later inputs change: {bad}"

@@ -57,16 +57,7 @@ def quick_check(method: str, impl: str, pattern: str, options: tuple = ()) -> di
     k = torch.randn(s["batch"], s["heads"], nk, s["head_dim"], generator=g, dtype=torch.float64)
     v = torch.randn(s["batch"], s["heads"], nk, s["head_dim"], generator=g, dtype=torch.float64)
     if spec.module is not None:  # test_options are the functional form's (e.g. agent's dwc_weight): not here
-        options = dict(options)
-        import inspect
-
-        ctor = set(inspect.signature(spec.module.__init__).parameters) - {"self", "heads", "kv_heads", "head_dim"}
-        built = {n: options.pop(n) for n in list(options) if n in ctor}
-        torch.manual_seed(0)
-        module = spec.module(heads=s["heads"], kv_heads=s["heads"], head_dim=s["head_dim"], **built)
-        with torch.no_grad():  # non-trivial parameters, so the parameter paths are exercised
-            for p in module.parameters():
-                p.normal_(0, 0.3, generator=g)
+        module, options = _build_module(spec, dict(options), s["heads"], s["head_dim"], g)
         module64 = copy.deepcopy(module).double()
         # the impl the module's call resolves to (its options are tensors it makes itself)
         info = check_inputs(spec, q.float().requires_grad_(True), k.float(), v.float(), causal=causal, cross=cross,
@@ -116,14 +107,89 @@ def quick_check(method: str, impl: str, pattern: str, options: tuple = ()) -> di
             tolerance = bound
         if err_fast > bound:
             failures.append(f"{name}: err(fast)={err_fast:.3e} > {fudge} * err(ref)={err_ref:.3e} + {floor:.1e}")
+    leak = causal_leak(method, pattern, used, tuple(options.items())) if causal else None
     return {
         "status": "failed" if failures else "ok",
+        "causal_leak": leak,  # outputs' change when only later inputs change (causal patterns)
         "impl_used": used,
         "out_error": errors[0] if errors else None,
         "grad_error": max(errors[1:]) if len(errors) > 1 else None,
         "tolerance": tolerance,
         "message": "; ".join(failures) or None,
     }
+
+
+def _build_module(spec, options: dict, heads: int, head_dim: int, generator, dtype=torch.float32):
+    """A method's module with non-trivial parameters, and the options left for its call."""
+    from .efficiency import split_module_options
+
+    built, options = split_module_options(spec, options)
+    module = spec.module(heads=heads, kv_heads=heads, head_dim=head_dim, **built)
+    with torch.no_grad():  # non-trivial parameters, so the parameter paths are exercised
+        for p in module.parameters():
+            p.normal_(0, 0.3, generator=generator)
+    return module.to(dtype), options
+
+
+#: (seq_len, split, small blocks) probes: a selection can look causal at one size and not at another
+LEAK_PROBES = ((96, 53, True), (256, 150, False), (64, 37, True), (96, 53, False))
+
+
+def causal_leak(method: str, pattern: str = "causal_self", impl: str = "reference", options: tuple = ()) -> float:
+    """The largest :func:`causal_leak_at` over :data:`LEAK_PROBES`: 0 for a strictly causal method."""
+    return max(causal_leak_at(method, pattern, impl, options, n, split, small) for n, split, small in LEAK_PROBES)
+
+
+def causal_leak_at(method: str, pattern: str = "causal_self", impl: str = "reference", options: tuple = (),
+                   seq_len: int = 96, split: int = 53, small_blocks: bool = True) -> float:
+    """How much the causal form's outputs at positions ``<= split`` change when every
+    input after ``split`` is redrawn (queries after it, and keys/values after its
+    aligned position): 0 for a strictly causal method. float64, random inputs (and
+    random parameters for methods with parameters); ``options`` fill in over the
+    spec's ``test_options``, with small blocks (``block_size=8, topk=2`` where the
+    method has them) so that a block selection really chooses among many blocks."""
+    from ..api import attention
+
+    spec = registry.get(method)
+    small = {n: v for n, v in (("block_size", 8), ("topk", 2)) if n in registry.method_options(spec.reference)
+             and small_blocks}
+    options = tuple({**small, **dict(options)}.items())
+    if not pattern.startswith("causal") or pattern not in spec.patterns:
+        raise ValueError(f"{method} has no {pattern} form to probe")
+    cross = pattern.endswith("cross")
+    g = torch.Generator().manual_seed(0)
+    H, D = 2, 32
+    nq, nk = seq_len, (seq_len * 3) // 4 if cross else seq_len
+    off = nk - nq
+    learned = spec.query == "learned"
+    q = torch.randn(1, H, 1 if learned else nq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(1, H, nk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(1, H, nk, D, generator=g, dtype=torch.float64)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    if not learned:
+        q2[:, :, split + 1:] = torch.randn(q2[:, :, split + 1:].shape, generator=g, dtype=torch.float64)
+    for t in (k2, v2):
+        t[:, :, split + 1 + off:] = torch.randn(t[:, :, split + 1 + off:].shape, generator=g, dtype=torch.float64)
+    if spec.module is not None:
+        module, opts = _build_module(spec, dict(options), H, D, g, torch.float64)
+
+        def run(a, b, c):
+            return module(a, b, c, causal=True, cross=cross, impl=impl, **opts)
+    else:
+        opts = {**spec.test_options, **dict(options)}
+
+        def run(a, b, c):
+            return attention(a, b, c, method=method, causal=True, cross=cross, impl=impl, **opts)
+
+    rows = split + 1 + (off if learned else 0)  # a learned-query method outputs one row per key
+    with torch.no_grad():
+        return float((run(q, k, v)[:, :, :rows] - run(q2, k2, v2)[:, :, :rows]).abs().max())
+
+
+def check_error(message: str) -> dict:
+    """The result of a check that could not run."""
+    return {"status": "error", "causal_leak": None, "impl_used": None, "out_error": None, "grad_error": None,
+            "tolerance": None, "message": message}
 
 
 def check_all(items: list) -> list:
@@ -134,6 +200,5 @@ def check_all(items: list) -> list:
         try:
             out.append(quick_check(method, impl, pattern, options))
         except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-            out.append({"status": "error", "impl_used": None, "out_error": None, "grad_error": None,
-                        "tolerance": None, "message": f"{type(e).__name__}: {e}"})
+            out.append(check_error(f"{type(e).__name__}: {e}"))
     return out

@@ -126,6 +126,20 @@ def make_inputs(case: BenchCase, requires_grad: bool):
     return q, k, v
 
 
+def split_module_options(spec, options: dict) -> tuple[dict, dict]:
+    """``(constructor options, call options)`` of a method with a module: the options its
+    constructor takes (e.g. routing's ``num_clusters``) build it, the rest go to the call."""
+    import inspect
+
+    ctor = set(inspect.signature(spec.module.__init__).parameters) - {"self", "heads", "kv_heads", "head_dim"}
+    return ({n: v for n, v in options.items() if n in ctor}, {n: v for n, v in options.items() if n not in ctor})
+
+
+def lower_right_causal(Nq: int, Nk: int, device=None) -> torch.Tensor:
+    """The (Nq, Nk) causal mask aligned bottom-right (query i sees keys j <= i + Nk - Nq)."""
+    return torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(diagonal=Nk - Nq)
+
+
 def _runner(case: BenchCase):
     """The function timed: one forward (and backward) of the case's method."""
     causal, cross = case.pattern.startswith("causal"), case.pattern.endswith("cross")
@@ -135,7 +149,7 @@ def _runner(case: BenchCase):
         def call(q, k, v):
             Nq, Nk = q.shape[2], k.shape[2]
             if causal and Nq != Nk:
-                mask = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(diagonal=Nk - Nq)
+                mask = lower_right_causal(Nq, Nk, q.device)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -146,11 +160,7 @@ def _runner(case: BenchCase):
     options = dict(case.options)
     module = None
     if spec.module is not None:
-        import inspect
-
-        # options the module's constructor takes (e.g. routing's num_clusters) build it; the rest go to the call
-        ctor = set(inspect.signature(spec.module.__init__).parameters) - {"self", "heads", "kv_heads", "head_dim"}
-        built = {name: options.pop(name) for name in list(options) if name in ctor}
+        built, options = split_module_options(spec, options)
         module = spec.module(heads=case.heads, kv_heads=case.kv_heads or case.heads, head_dim=case.head_dim,
                              **built).to(case.device)
 
@@ -212,7 +222,7 @@ def measure(case: BenchCase) -> dict:
         with torch.no_grad():
             out = call(q, k, v).float()
             Nq, Nk = q.shape[2], k.shape[2]
-            mask = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(diagonal=Nk - Nq) if causal else None
+            mask = lower_right_causal(Nq, Nk, q.device) if causal else None
             exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                    enable_gqa=k.shape[1] != q.shape[1])
             max_error = float((out - exact).abs().max())
@@ -233,7 +243,8 @@ def run_case(case: BenchCase, timeout: float = 600.0, isolate: bool = True, memo
             return BenchResult(case, "ok", **measure(case))
         except Exception as e:  # noqa: BLE001
             return BenchResult(case, "error", error=f"{type(e).__name__}: {e}")
-    status, value = run_isolated(measure, (case,), timeout, memory_limit_mib)
+    cuda = torch.device(case.device).type == "cuda"  # the CUDA runtime maps huge address ranges: no cap
+    status, value = run_isolated(measure, (case,), timeout, None if cuda else memory_limit_mib)
     if status == "ok":
         return BenchResult(case, "ok", **value)
     return BenchResult(case, status, error=str(value))

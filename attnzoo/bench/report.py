@@ -697,6 +697,11 @@ def _checks(doc: Doc, res: Results):
         return
     doc.h(2, "Correctness checks")
     bad = [r for r in res.checks if r.get("status") != "ok"]
+    leaks = sorted({(r.get("method"), r.get("pattern")) for r in res.checks
+                    if isinstance(r.get("causal_leak"), (int, float)) and r["causal_leak"] > 1e-9})
+    if leaks:
+        doc.p("Not strictly causal (outputs move when only later inputs change; the key selection sees later "
+              "tokens): " + ", ".join(f"{m} ({p})" for m, p in leaks) + ".")
     if not bad:
         doc.p(f"All {len(res.checks)} checks passed (fast implementation against the reference, before timing).")
         return
@@ -709,6 +714,12 @@ def _checks(doc: Doc, res: Results):
               left={0, 1, 2, 3, 7})
 
 
+def _shape(rec) -> str:
+    """The input shape of an efficiency case, e.g. ``B1 H8/8 D64``."""
+    h = rec.get("heads")
+    return f"B{rec.get('batch')} H{h}/{rec.get('kv_heads') or h} D{rec.get('head_dim')}"
+
+
 def _mem(rec) -> Optional[float]:
     """Peak memory of a case: the device allocator's peak on CUDA, else the resident-set growth."""
     v = rec.get("peak_alloc_mib")
@@ -719,10 +730,14 @@ def _efficiency(doc: Doc, res: Results, plot: Plotter):
     recs = [r for r in res.efficiency if r.get("seq_len") is not None]
     if not recs:
         return
+    shapes = {_shape(r) for r in recs}
     for r in recs:
         r.setdefault("label", r.get("method") if r.get("impl", "auto") == "auto" else f"{r['method']}:{r['impl']}")
-        r["_device"] = str(r.get("device") or "cpu")
+        # a method is only ever compared with the baseline of the same shape: runs of several
+        # shapes (a resume with other --heads, say) get a section each
+        r["_device"] = str(r.get("device") or "cpu") + (f" {_shape(r)}" if len(shapes) > 1 else "")
     devices = _ordered((r["_device"] for r in recs), ["cpu"])
+    show_device = devices != ["cpu"]
     # the sections: (device, dtype) variants, then modes, then patterns
     variants = [(dev, dt) for dev in devices
                 for dt in _ordered((r.get("dtype") for r in recs if r["_device"] == dev), DTYPE_ORDER)]
@@ -733,7 +748,6 @@ def _efficiency(doc: Doc, res: Results, plot: Plotter):
     for r in recs:
         groups.setdefault((r["_device"], r.get("dtype"), r.get("mode"), r.get("pattern")), {}).setdefault(
             r["label"], {})[int(r["seq_len"])] = r
-    show_device = devices != ["cpu"]
 
     def tag(dev, dt):
         return f"{dt}, {dev}" if show_device else str(dt)
@@ -746,7 +760,20 @@ def _efficiency(doc: Doc, res: Results, plot: Plotter):
         ns, mv, bv = [], [], []
         for n, r in sorted(cells.items()):
             b = base.get(n)
-            if not (b and _ok(r) and _ok(b)):
+            if not b:
+                continue
+            out_of = ("oom", "timeout")
+            if _ok(r) and b.get("status") in out_of:  # only the method finished: it is the cheaper one here
+                ns.append(n)
+                mv.append(1.0)
+                bv.append(1e9)
+                continue
+            if _ok(b) and r.get("status") in out_of:  # only exact attention finished
+                ns.append(n)
+                mv.append(1e9)
+                bv.append(1.0)
+                continue
+            if not (_ok(r) and _ok(b)):
                 continue
             m_, b_ = (_median(r), _median(b)) if field == "time" else (_mem(r), _mem(b))
             if m_ and b_ and m_ > 0 and b_ > 0:
@@ -950,6 +977,21 @@ def _acc_cell(recs: list) -> tuple:
     return mean, (f"{mean:.3f}", ""), f"{mean:.2f}"
 
 
+def _leaky_methods(methods) -> dict:
+    """``{method: why}`` for registered methods whose causal forms are not strictly causal."""
+    from .. import registry
+
+    out = {}
+    for m in methods:
+        try:
+            why = registry.get(m).causal_leak
+        except Exception:  # noqa: BLE001 - a method from another version of attnzoo: no mark
+            continue
+        if why:
+            out[m] = why
+    return out
+
+
 def _tasks(doc: Doc, res: Results, plot: Plotter):
     recs = [r for r in res.tasks if r.get("task") and r.get("method")]
     if not recs:
@@ -984,11 +1026,16 @@ def _tasks(doc: Doc, res: Results, plot: Plotter):
         ci_note = f"CI column omitted: compositional_index failed ({type(e).__name__}: {_short(e, 150)})."
     header = ["method"] + [c[0] for c in columns] + (["CI"] if ci is not None else [])
     rows, hm_vals, hm_text, partial = [], [], [], False
+    leaky = _leaky_methods(methods)
+    marked = False
     for m in methods:
         row, vals, texts = [m], [], []
         for _, t, p in columns:
             v, cell, hm = _acc_cell(select(m, t, p))
             partial |= cell[1] == "part"
+            if m in leaky and str(p or pats[t][0]).startswith("causal") and v is not None:
+                cell = (f"{cell[0]} ‡", cell[1])
+                marked = True
             row.append(cell)
             vals.append(v)
             texts.append(hm)
@@ -1014,6 +1061,11 @@ def _tasks(doc: Doc, res: Results, plot: Plotter):
           "\"—\": not run (e.g. the method does not support the task's pattern); ERR / OOM / TIMEOUT: the run "
           "failed." + (" †: some of the cell's runs failed; the mean is over those that finished." if partial
                        else ""))
+    if marked:
+        doc.p("‡: in its causal form the method's *choice* of keys sees later tokens (" + "; ".join(
+            f"{m}: {leaky[m]}" for m in methods if m in leaky) + "), so a causal model trained with it can read a "
+            "little of the future and its accuracy on causal tasks may be inflated (see `attnzoo list`, column "
+            "'strictly causal').")
     if ci_note:
         doc.p(ci_note)
     doc.table(header, rows)

@@ -4,7 +4,8 @@ A results directory holds one JSON-lines file per sweep (``efficiency.jsonl``,
 ``tasks.jsonl``). Every finished case is appended as one line and flushed at once,
 so a sweep that is interrupted (Ctrl-C, a kill, a crash) loses at most the case it
 was running; ``--resume`` reads the file back and skips every case whose ``key`` is
-already there. A kill in the middle of a write can leave a partial last line: the
+already settled there (ok, or a failed correctness check); cases that errored, timed
+out or ran out of memory are run again, and the report keeps each key's last record. A kill in the middle of a write can leave a partial last line: the
 reader skips lines that are not JSON, and :meth:`ResultsFile.open_for_append` cuts
 such a tail off before appending, so the file stays one record per line.
 
@@ -109,6 +110,15 @@ def run_record(sweep: str, config: dict, config_file: Optional[Path], argv: Opti
     }
 
 
+def as_list(value) -> list:
+    """A config value as a list: a list/tuple as is, a comma-separated string split, None empty."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [x.strip() for x in value.split(",") if x.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def jsonable(value):
     """Options as JSON: numbers, strings, lists; anything else (a tensor, a layout
     object) by its repr."""
@@ -142,6 +152,11 @@ def read_records(path: Path) -> Iterator[dict]:
                 yield record
 
 
+#: Statuses that settle a case: ``--resume`` skips these and runs the others again
+#: (error, timeout; and oom, which a less loaded machine may not hit).
+DONE = ("ok", "failed", "failed_check")
+
+
 class ResultsFile:
     """One sweep's JSON-lines file: append a record per finished case, skip done cases on resume.
 
@@ -152,8 +167,9 @@ class ResultsFile:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict = {}  # key -> the last record with that key (resume)
-        if resume:
-            self.records = {r["key"]: r for r in read_records(self.path) if r.get("key") and r.get("kind") != "run"}
+        if resume:  # cases that errored or timed out (a busy machine, say) are run again
+            self.records = {r["key"]: r for r in read_records(self.path)
+                            if r.get("key") and r.get("kind") != "run" and r.get("status") in DONE}
         elif self.path.exists() and self.path.stat().st_size:
             os.replace(self.path, self.path.with_name(self.path.name + ".prev"))
         self.done: set = set(self.records)
@@ -171,7 +187,7 @@ class ResultsFile:
     def append(self, record: dict) -> None:
         self._file.write(json.dumps(record, default=repr) + "\n")
         self._file.flush()  # on disk (in the OS) as soon as the case is done
-        if record.get("key"):
+        if record.get("key") and record.get("status") in DONE:
             self.done.add(record["key"])
             self.records[record["key"]] = record
 

@@ -28,7 +28,7 @@ import torch
 from .. import registry
 from ..errors import AttentionInputError
 from . import efficiency as eff
-from .results import ResultsFile, jsonable
+from .results import ResultsFile, as_list as _as_list, jsonable
 from .worker import run_isolated
 
 #: The [efficiency] settings and their defaults (a config or the command line overrides them).
@@ -55,12 +55,11 @@ EFFICIENCY_DEFAULTS = {
 ProgressFn = Callable[[str, int], None]  # (description, cases just finished)
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [x.strip() for x in value.split(",") if x.strip()]
-    return list(value)
+def _ints(key: str, value) -> list:
+    try:
+        return [int(n) for n in _as_list(value)]
+    except (TypeError, ValueError):
+        raise AttentionInputError(f"{key} must be a list of integers, got {value!r}") from None
 
 
 def efficiency_settings(config: dict, overrides: Optional[dict] = None) -> dict:
@@ -72,10 +71,22 @@ def efficiency_settings(config: dict, overrides: Optional[dict] = None) -> dict:
                                   f"known: {', '.join(EFFICIENCY_DEFAULTS)}")
     s = {**EFFICIENCY_DEFAULTS, **table, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     s["patterns"] = _as_list(s["patterns"])
-    s["lengths"] = [int(n) for n in _as_list(s["lengths"])]
+    s["lengths"] = _ints("lengths", s["lengths"])
     s["dtypes"] = _as_list(s["dtypes"])
     s["modes"] = _as_list(s["modes"])
-    s["decode_positions"] = [int(n) for n in _as_list(s["decode_positions"])]
+    s["decode_positions"] = _ints("decode_positions", s["decode_positions"])
+    for key in ("batch", "heads", "head_dim", "repeats"):
+        if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
+            raise AttentionInputError(f"{key} must be a positive integer, got {s[key]!r}")
+    if s["kv_heads"] is not None and (not isinstance(s["kv_heads"], int) or s["kv_heads"] < 1
+                                      or s["heads"] % s["kv_heads"]):
+        raise AttentionInputError(f"kv_heads must be a positive integer dividing heads={s['heads']}, "
+                                  f"got {s['kv_heads']!r}")
+    for key in ("check", "error"):
+        if not isinstance(s[key], bool):
+            raise AttentionInputError(f"{key} must be true or false, got {s[key]!r}")
+    if not isinstance(s["options"], dict):
+        raise AttentionInputError(f"options must be a table of name = value, got {s['options']!r}")
     for p in s["patterns"]:
         if p not in registry.PATTERNS:
             raise AttentionInputError(f"patterns: {p!r} is not one of {', '.join(registry.PATTERNS)}")
@@ -156,7 +167,7 @@ def run_checks(checks: list, results: ResultsFile, run_id: str, timeout: float,
                progress: Optional[ProgressFn] = None, isolate: bool = True) -> dict:
     """Quick checks, one worker per method (in this process without ``isolate``);
     returns ``{check item: record}`` (resumed records included)."""
-    from .check import check_all
+    from .check import check_all, check_error
 
     out = {}
     by_method: dict = {}
@@ -171,8 +182,7 @@ def run_checks(checks: list, results: ResultsFile, run_id: str, timeout: float,
             progress(f"checking {method} against its reference", 0)
         status, value = run_isolated(check_all, (items,), timeout) if isolate else ("ok", check_all(items))
         if status != "ok":
-            value = [{"status": "error", "impl_used": None, "out_error": None, "grad_error": None, "tolerance": None,
-                      "message": f"check worker {status}: {value}"}] * len(items)
+            value = [check_error(f"check worker {status}: {value}")] * len(items)
         for item, res in zip(items, value):
             record = {"kind": "check", "key": check_key(*item), "method": item[0], "impl": item[1],
                       "label": item[0] if item[1] == "auto" else f"{item[0]}:{item[1]}", "pattern": item[2],
@@ -228,7 +238,13 @@ def task_record(case, status: str, value, run_id: str) -> dict:
     if status == "ok":
         record.update(value)
     else:
+        from .tasks.suite import chance
+
         record["error"] = str(value)
+        try:  # a failed run counts at chance in the compositional index
+            record["chance"] = chance(case)
+        except Exception:  # noqa: BLE001
+            pass
     return record
 
 

@@ -74,6 +74,13 @@ def run_isolated(fn: Callable, args: tuple, timeout: float, memory_limit_mib: fl
     ``memory_limit_mib`` caps the child's address space (RLIMIT_AS) so a runaway case
     fails with MemoryError instead of taking the machine down.
     """
+    try:
+        return _run_isolated(fn, args, timeout, memory_limit_mib)
+    except Exception as e:  # noqa: BLE001 - e.g. a process that cannot start, arguments that do not pickle
+        return ("error", f"worker failed: {type(e).__name__}: {e}")
+
+
+def _run_isolated(fn, args, timeout, memory_limit_mib):
     ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_limited, args=(child, fn, args, memory_limit_mib), daemon=True)

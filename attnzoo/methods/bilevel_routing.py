@@ -243,5 +243,7 @@ register(
         rows_independent=False,
         decoding=False,
         test_options={"region_size": 16, "topk": 2},
+        causal_leak=("regions are routed by pooled region queries and keys, which include tokens after the query "
+                     "within its region"),
     )
 )

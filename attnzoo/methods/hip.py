@@ -253,5 +253,7 @@ register(
         decoding=False,
         rows_independent=False,  # a query's blocks are chosen with the other queries of its block
         test_options={"block_size": 16, "topk": 2},
+        causal_leak=("the key blocks of a query block are chosen by the block's pooled queries, which include "
+                     "queries after it"),
     )
 )

@@ -298,5 +298,7 @@ register(
         rows_independent=False,
         decoding=False,
         test_options={"num_clusters": 4},
+        causal_leak=("a query's cluster and the balanced cluster windows are decided over the whole sequence, so "
+                     "which earlier keys it attends to depends on later tokens"),
     )
 )

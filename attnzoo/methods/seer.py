@@ -385,5 +385,6 @@ register(
         rows_independent=False,
         decoding=False,
         test_options={"block_size": 16, "topk": 3},
+        causal_leak=("the gate scores key blocks from pooled query blocks, which include queries after the query"),
     )
 )

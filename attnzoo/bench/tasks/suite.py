@@ -76,6 +76,7 @@ import torch.nn.functional as F
 
 from ... import registry
 from ...errors import AttentionInputError
+from ..results import as_list, jsonable
 from .cab import IGNORE, TASKS
 from .model import EncoderDecoder, SelfAttentionLM, task_impl, task_options
 from .mqar import mqar
@@ -125,7 +126,7 @@ class TaskCase:
 
     def key(self) -> str:
         """A stable string naming every field (the resume key)."""
-        return json.dumps({f.name: _plain(getattr(self, f.name)) for f in fields(self)}, sort_keys=True,
+        return json.dumps({f.name: jsonable(getattr(self, f.name)) for f in fields(self)}, sort_keys=True,
                           separators=(",", ":"))
 
     def method_options(self) -> dict:
@@ -133,22 +134,11 @@ class TaskCase:
         return {**task_options(self.method, self.seq_len), **dict(self.options)}
 
 
-def _plain(v):
-    """A JSON-able, stable form of a case field or option value."""
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, (tuple, list)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in sorted(v.items())}
-    return repr(v)
-
-
 # ------------------------------------------------------------------------------ config
 
 
 def _as_list(v, name) -> list:
-    out = list(v) if isinstance(v, (list, tuple)) else [v]
+    out = as_list(v)
     if not out:
         raise AttentionInputError(f"[tasks] {name} must not be empty")
     return out
@@ -202,16 +192,6 @@ def _config_options(config: dict) -> dict:
             raise AttentionInputError(f"[tasks.options.{method}] must be a table of option = value")
         out[method] = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in table.items()))
     return out
-
-
-def config_methods(config: dict) -> list:
-    """The method names of ``config["methods"]`` (``"all"``, the default, or a list)."""
-    methods = config.get("methods", "all")
-    if methods == "all":
-        return [s.name for s in registry.methods()]
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    return [registry.get(m).name for m in methods]
 
 
 def build_task_cases(config: dict, methods: list) -> list:
@@ -378,21 +358,26 @@ def run_task(case: TaskCase) -> dict:
     return {"accuracy": accuracy, "loss": eval_loss if math.isfinite(eval_loss) else None, "chance": chance(case),
             "train_s": train_s, "steps": case.steps, "params": params, "pattern": case.pattern,
             "train_loss": statistics.fmean(tail) if all(math.isfinite(x) for x in tail) else None,
-            "options": _plain(case.method_options())}
+            "options": jsonable(case.method_options())}
 
 
 # ------------------------------------------------------------------------------ scores
 
 
 def task_scores(records: list) -> dict:
-    """``{task: {method: accuracy}}`` from result records (status ``"ok"`` only): the mean
-    accuracy of the method's records of that task, so a task swept over settings or
-    lengths (MQAR) counts once."""
+    """``{task: {method: accuracy}}`` from result records: the mean accuracy of the
+    method's records of that task, so a task swept over settings or lengths (MQAR)
+    counts once. A run that failed (error, timeout, out of memory) counts at its
+    chance accuracy, so failing the hard settings never raises a method's mean."""
     acc: dict = {}
     for r in records:
-        if r.get("status") != "ok" or r.get("accuracy") is None:
+        if r.get("status") == "ok" and r.get("accuracy") is not None:
+            value = float(r["accuracy"])
+        elif r.get("status") in ("error", "timeout", "oom") and r.get("chance") is not None:
+            value = float(r["chance"])
+        else:
             continue
-        acc.setdefault(r["task"], {}).setdefault(r["method"], []).append(float(r["accuracy"]))
+        acc.setdefault(r["task"], {}).setdefault(r["method"], []).append(value)
     return {t: {m: statistics.fmean(v) for m, v in ms.items()} for t, ms in acc.items()}
 
 
@@ -403,7 +388,7 @@ def compositional_index(records: list) -> dict:
     seq_len × num_kv_pairs sweep counts as one task; see :func:`task_scores`) is
     normalised across the methods that ran it, ``z = (x - mean) / std`` (population
     std; ``z = 0`` when all methods tie or only one ran it), and a method's CI is the
-    mean of its ``z`` over the tasks it ran. Only ``status == "ok"`` records count.
+    mean of its ``z`` over the tasks it ran. Failed runs count at chance accuracy.
 
     [J] Our reading of CAB ("CAB: Comprehensive Attention Benchmarking on Long Sequence
     Modeling", Zhang et al., 2023): CAB normalises each task's metric across the
