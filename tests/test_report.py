@@ -242,3 +242,45 @@ def test_missing_matplotlib_is_a_clear_error(results, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install 'attnzoo\[bench\]'"):
         render_report(results)
+
+
+def _summary_row(text, label):
+    """The cells of ``label``'s row in the efficiency-length summary table."""
+    start = text.index("### Efficiency length summary")
+    for line in text[start:].splitlines():
+        if line.startswith(f"| {label} |"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no summary row for {label}")
+
+
+def test_efficiency_length_counts_a_baseline_that_ran_out_of_memory(tmp_path):
+    """Only the method finishes at the largest N: it is the cheaper one there."""
+    recs = [_eff("torch_sdpa", n, BASE_T[n] * 10, BASE_M[n]) for n in LENGTHS[:-1]]
+    recs.append(_eff("torch_sdpa", LENGTHS[-1], None, None, status="oom"))
+    recs += [_eff("linfast", n, LIN_T[n] * 10, BASE_M[n] * 2) for n in LENGTHS]  # slower and heavier below
+    recs += [_eff("shape16", n, BASE_T[n], BASE_M[n]) for n in LENGTHS]
+    for r in recs[-len(LENGTHS):]:
+        r["heads"] = 16  # another shape: never compared with the H=4 baseline
+    _write(tmp_path / "efficiency.jsonl", recs, False)
+    text = render_report(tmp_path)["markdown"].read_text()
+    time_cell = _summary_row(text, "linfast")[1]
+    assert time_cell not in ("> 2048", "—") and int(time_cell) <= 2048
+    assert "B1 H16/16 D32" in text  # its own section
+
+
+def test_real_compositional_index_in_the_report(tmp_path):
+    """The task table with the real CI (not a stand-in): softmax best, the method that
+    failed a run scored at chance for it, and the leaky-causal mark on routing."""
+    from attnzoo.bench.tasks.suite import compositional_index
+
+    recs = [_task("copy", "softmax", 1.0), _task("copy", "linear", 0.5), _task("copy", "routing", 0.9),
+            _task("reverse", "softmax", 1.0, pattern="noncausal_cross"),
+            _task("reverse", "linear", 0.2, pattern="noncausal_cross"),
+            _task("reverse", "routing", None, pattern="noncausal_cross", status="timeout", chance=0.1)]
+    _write(tmp_path / "tasks.jsonl", recs, False)
+    ci = compositional_index(recs)
+    assert max(ci, key=ci.get) == "softmax"
+    text = render_report(tmp_path)["markdown"].read_text()
+    assert f"{ci['softmax']:.3f}" in text and f"{ci['routing']:.3f}" in text
+    assert "0.900 ‡" in text  # routing's causal-task accuracy is marked
+    assert "1.000 ‡" not in text

@@ -222,6 +222,27 @@ def test_run_task_learns_copy():
     assert out["accuracy"] > 0.6 > out["chance"]
 
 
+def test_quick_config_tasks_are_learnt_by_softmax_and_not_by_a_short_window():
+    """The quick settings say something: exact attention learns every task (CAB's four and
+    MQAR), and a sliding window of N/4 — which cannot see the lookups — stays far below
+    on the long-range classify task."""
+    from attnzoo.bench.results import load_config
+
+    table = load_config("quick")[0]["tasks"]
+    cases = build_task_cases(table, ["softmax"])
+    assert {c.task for c in cases} == {"classify", "copy", "reverse", "transduce", "mqar"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the benchmark's workers run them (and deterministic)
+    try:
+        for case in cases:
+            out = run_task(case)
+            assert out["accuracy"] > 0.9, (case.task, out)
+        classify = next(c for c in build_task_cases(table, ["sliding_window"]) if c.task == "classify")
+        assert run_task(classify)["accuracy"] < 0.6
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_run_task_errors_name_the_case():
     with pytest.raises(AttentionInputError):
         run_task(TaskCase("copy", "agent", 16, **TINY))  # agent has no causal pattern
