@@ -18,6 +18,7 @@ from attnzoo import cli, registry
 from attnzoo.bench import sweep
 from attnzoo.bench.check import quick_check
 from attnzoo.bench.results import ResultsFile, load_config, read_records
+from attnzoo.bench.tasks.suite import build_task_cases
 from attnzoo.errors import AttentionInputError
 from attnzoo.registry import Impl
 
@@ -56,6 +57,10 @@ def test_shipped_configs_parse_and_cover_all_four_patterns():
         for spec in registry.methods():
             assert {c.pattern for c in cases if c.method == spec.name} == set(spec.patterns), spec.name
         assert "tasks" in config, f"{name}.toml has no [tasks] table"
+        tasks = build_task_cases(config["tasks"], [s.name for s in registry.methods()])
+        assert {c.pattern for c in tasks} == set(registry.PATTERNS)
+    zoology = build_task_cases(load_config("mqar-zoology")[0]["tasks"], ["softmax"])
+    assert {c.vocab_size for c in zoology} == {8192} and max(c.seq_len for c in zoology) == 512
 
 
 def test_config_errors_name_the_key():
