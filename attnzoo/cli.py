@@ -89,6 +89,8 @@ def cmd_bench_efficiency(args, config=None, config_path=None) -> int:
         overrides["error"] = True
     if args.no_check:
         overrides["check"] = False
+    if args.tensor_memory:
+        overrides["tensor_memory"] = True
     settings = sweep.efficiency_settings(config, overrides)
     if args.option:
         settings["options"] = {**settings["options"], **parse_options(args.option)}
@@ -337,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a method option, e.g. window=256 or neighborhood.grid=(128,128); repeatable")
         p.add_argument("--decode-positions", default=None, help="also time one decode step after prefills of "
                        "these lengths, e.g. 512,16384 (methods with decoding)")
+        p.add_argument("--tensor-memory", action="store_true", help="also the peak of live tensors per case "
+                       "(the profiler's memory timeline; about 1 s more per case), free of process noise")
         p.add_argument("--no-check", action="store_true", help="skip the quick fast-vs-reference checks")
         p.add_argument("--no-isolate", action="store_true", help="run cases in this process (memory figures are "
                        "then not per case)")

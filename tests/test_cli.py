@@ -96,6 +96,18 @@ def test_peak_memory_grows_with_quadratic_reference():
     assert big.peak_mib > 4 * small.peak_mib
 
 
+def test_tensor_memory_sees_the_scores_of_a_quadratic_reference():
+    """The profiled live-tensor peak: the reference's (H, N, N) scores, not process noise."""
+    scores_mib = 2 * 1024 * 1024 * 4 / 2**20  # H=2, N=1024, float32
+    ref = eff.run_case(eff.BenchCase("softmax", "reference", 1024, "fwd", heads=2, head_dim=16, repeats=1,
+                                     tensor_memory=True))
+    lin = eff.run_case(eff.BenchCase("linear", "auto", 1024, "fwd", heads=2, head_dim=16, repeats=1,
+                                     tensor_memory=True))
+    assert ref.status == lin.status == "ok"
+    assert scores_mib <= ref.peak_alloc_mib < 6 * scores_mib
+    assert lin.peak_alloc_mib < scores_mib / 2
+
+
 def test_scaling_exponent_on_synthetic_timings():
     ns = [1024, 2048, 4096, 8192]
     assert eff.scaling_exponent(ns, [n**2 * 1e-9 for n in ns]) == pytest.approx(2.0)

@@ -5,9 +5,13 @@ measured in the same run.
 Each (method, length, mode) case runs in its own worker process
 (:mod:`attnzoo.bench.worker`). Time is the median of ``repeats`` runs after one
 warm-up; peak memory is the growth of the resident set high-water mark during the
-first (warm-up) call, above the inputs: what the attention itself needed. On CUDA
-(``device="cuda"``) the calls are synchronised and the allocator's peak above the
-inputs is recorded too (``peak_alloc_mib``).
+first (warm-up) call, above the inputs (``peak_mib``). That figure carries the
+process's one-time set-up and the allocator's growth (~40 MiB at small N on CPU), so
+with ``tensor_memory`` a second figure, ``peak_alloc_mib``, is the peak of live
+tensors above the inputs during one more call, from the profiler's memory timeline
+(about a second more per case: the profiler starts in each fresh worker); on CUDA
+(``device="cuda"``) it is the allocator's peak, and the calls are synchronised. The
+report uses ``peak_alloc_mib`` where it exists.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class BenchCase:
     options: tuple = ()  # method options as (name, value) pairs
     error: bool = False  # also measure the output's error against exact softmax (SDPA)
     device: str = "cpu"  # "cuda": timed with synchronisation, plus the allocator's peak
+    tensor_memory: bool = False  # CPU: also the peak of live tensors, profiled (~1 s more per case)
 
     @property
     def label(self) -> str:
@@ -140,6 +145,42 @@ def lower_right_causal(Nq: int, Nk: int, device=None) -> torch.Tensor:
     return torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(diagonal=Nk - Nq)
 
 
+def tensor_peak_mib(fn, input_bytes: int) -> Optional[float]:
+    """Peak MiB of live CPU tensors while ``fn()`` runs, above ``input_bytes`` (the inputs,
+    which the timeline counts): what the attention's own tensors needed, free of the
+    allocator and process noise that the resident set carries. Uses the profiler's
+    memory timeline; None where it is unavailable."""
+    import os
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = os.dup(2)  # the profiler logs to stderr from C++: keep the sweep's terminal clean
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # export_memory_timeline's deprecation notice
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                             with_stack=True) as prof:
+                    fn()
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = os.path.join(tmp, "timeline.json")
+                    prof.export_memory_timeline(path, device="cpu")
+                    with open(path) as f:
+                        _, sizes = json.load(f)
+        if not sizes:
+            return None
+        return max(0.0, (max(sum(s) for s in sizes) - input_bytes) / 2**20)
+    except Exception:  # noqa: BLE001 - a torch without the memory timeline: the resident set still tells
+        return None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _runner(case: BenchCase):
     """The function timed: one forward (and backward) of the case's method."""
     causal, cross = case.pattern.startswith("causal"), case.pattern.endswith("cross")
@@ -212,7 +253,12 @@ def measure(case: BenchCase) -> dict:
         once()
         sync()
     peak = max(0.0, peak_rss_mib() - base)
-    peak_alloc = (torch.cuda.max_memory_allocated() - alloc_base) / 2**20 if cuda else None
+    if cuda:
+        peak_alloc = (torch.cuda.max_memory_allocated() - alloc_base) / 2**20
+    elif case.tensor_memory:  # the largest total of live tensors during one call (the profiler's timeline)
+        peak_alloc = tensor_peak_mib(once, sum(t.nbytes for t in (q, k, v)))
+    else:
+        peak_alloc = None
     density = statistics.fmean(collected["density"]) if collected.get("density") else None
     max_error = None
     if case.error:

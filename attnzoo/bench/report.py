@@ -54,8 +54,9 @@ HOW_TO_READ = (
     "**How to read this.** Times are the median of the repeats in milliseconds; ±x% is the relative "
     "spread (max − min) / median of the repeats. The *ratio* is the method's median time divided by "
     "torch SDPA's (`torch_sdpa`, the baseline, called directly) at the same pattern, length, mode and "
-    "dtype: a ratio < 1 means faster than SDPA. Peak memory is the growth of the process's resident "
-    "set during the first call, above the inputs (on CUDA: the allocator's peak above the inputs). The scaling "
+    "dtype: a ratio < 1 means faster than SDPA. Peak memory is the largest total of live tensors during "
+    "one call, above the inputs (CPU: the profiler's memory timeline; CUDA: the allocator's peak), or, "
+    "where that is missing, the growth of the process's resident set during the first call. The scaling "
     "*exponent* is the log-log slope of time "
     "(or memory) against N: ≈1 linear, ≈2 quadratic. The *efficiency length* is CAB's shortest "
     "sequence length N from which the method is cheaper (faster, or lighter for memory) than exact "
@@ -721,7 +722,7 @@ def _shape(rec) -> str:
 
 
 def _mem(rec) -> Optional[float]:
-    """Peak memory of a case: the device allocator's peak on CUDA, else the resident-set growth."""
+    """Peak memory of a case: live tensors (profiler on CPU, allocator on CUDA), else the resident-set growth."""
     v = rec.get("peak_alloc_mib")
     return v if v is not None else rec.get("peak_mib")
 
@@ -814,7 +815,7 @@ def _efficiency(doc: Doc, res: Results, plot: Plotter):
 
     failures = []
     for dev, dtype in variants:
-        mem_label = "peak allocated (MiB)" if dev.startswith("cuda") else "peak memory (MiB)"
+        mem_label = "peak tensor memory (MiB)"
         for mode in modes:
             mpats = [p for p in patterns if (dev, dtype, mode, p) in groups]
             if not mpats:

@@ -50,6 +50,7 @@ EFFICIENCY_DEFAULTS = {
     "options": {},  # {"name": value} for every method that has it, {"method.name": value} for one
     "decode_positions": [],  # also time a decode step after prefills of these lengths
     "device": "cpu",  # or "cuda": synchronised timing plus the allocator's peak
+    "tensor_memory": False,  # CPU: also profile the peak of live tensors (exact, ~1 s more per case)
 }
 
 ProgressFn = Callable[[str, int], None]  # (description, cases just finished)
@@ -82,7 +83,7 @@ def efficiency_settings(config: dict, overrides: Optional[dict] = None) -> dict:
                                       or s["heads"] % s["kv_heads"]):
         raise AttentionInputError(f"kv_heads must be a positive integer dividing heads={s['heads']}, "
                                   f"got {s['kv_heads']!r}")
-    for key in ("check", "error"):
+    for key in ("check", "error", "tensor_memory"):
         if not isinstance(s[key], bool):
             raise AttentionInputError(f"{key} must be true or false, got {s[key]!r}")
     if not isinstance(s["options"], dict):
@@ -143,7 +144,7 @@ def efficiency_plan(settings: dict) -> tuple[list, list]:
     options = method_options(settings["options"], [m for m, _ in methods])
     common = dict(batch=settings["batch"], heads=settings["heads"], kv_heads=settings["kv_heads"],
                   head_dim=settings["head_dim"], repeats=settings["repeats"], error=settings["error"],
-                  device=settings["device"])
+                  device=settings["device"], tensor_memory=settings["tensor_memory"])
     cases = []
     for dtype in settings["dtypes"]:
         cases += eff.build_cases(methods, settings["lengths"], settings["modes"], settings["patterns"], dtype,
