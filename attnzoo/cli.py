@@ -98,7 +98,7 @@ def cmd_bench_efficiency(args, config=None, config_path=None) -> int:
     console = _console()
     with _results(args, "efficiency.jsonl") as results:
         run = run_record("efficiency", config, config_path)
-        run["settings"] = {k: v for k, v in settings.items()}
+        run["settings"] = dict(settings)
         results.append(run)
         todo = sum(c.key() not in results.done for c in cases)
         console.print(f"[bold]attnzoo bench efficiency[/] ({config_path}): {len(cases)} cases"
@@ -108,7 +108,8 @@ def cmd_bench_efficiency(args, config=None, config_path=None) -> int:
                       f"each case in its own process. Results: {results.path}")
         with _progress(console) as progress:
             task = progress.add_task("efficiency", total=len(cases))
-            measured = sweep.run_efficiency(settings, results, run["run_id"], isolate=not args.no_isolate,
+            measured = sweep.run_efficiency(settings, checks, cases, results, run["run_id"],
+                                            isolate=not args.no_isolate,
                                             progress=lambda d, n: progress.update(task, advance=n, description=d))
         if measured:
             console.print(results_table(measured))

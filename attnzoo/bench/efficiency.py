@@ -21,19 +21,23 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 
 from .. import registry
 from ..errors import AttentionInputError
-from .results import machine_info  # noqa: F401  (re-exported)
 from .worker import peak_rss_mib, reset_peak_rss, rss_mib, run_isolated
 
 #: The baseline every method is compared with: torch's own SDPA, called directly.
 BASELINE = "torch_sdpa"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def label(method: str, impl: str) -> str:
+    """A series' name: the method, or ``method:impl`` for a named impl (``softmax:tiled``)."""
+    return method if impl == "auto" else f"{method}:{impl}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class BenchCase:
 
     @property
     def label(self) -> str:
-        return self.method if self.impl == "auto" else f"{self.method}:{self.impl}"
+        return label(self.method, self.impl)
 
     def key(self) -> str:
         """Identifies the case in a results file (``--resume`` skips keys already there)."""
@@ -313,16 +317,6 @@ def build_cases(methods: list, lengths: Iterable[int], modes: Iterable[str], pat
                     cases.append(BenchCase(name, impl, int(n), mode, pattern=pattern, dtype=dtype,
                                            options=tuple(opts.items()), **common))
     return cases
-
-
-def run_sweep(cases: list[BenchCase], timeout: float = 600.0, isolate: bool = True, progress=None,
-              memory_limit_mib=None) -> Iterator[BenchResult]:
-    """Yield each case's result as soon as it is measured."""
-    for case in cases:
-        result = run_case(case, timeout, isolate, memory_limit_mib)
-        if progress is not None:
-            progress(case, result)
-        yield result
 
 
 def ratios(results: list[BenchResult]) -> dict:

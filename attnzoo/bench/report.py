@@ -37,6 +37,7 @@ from typing import Optional, Union
 
 from ..errors import AttentionInputError
 from .efficiency import BASELINE, efficiency_length, scaling_exponent
+from .efficiency import label as series_label
 
 __all__ = ["render_report", "main_summary", "load_results", "ReportError", "MissingMatplotlib"]
 
@@ -733,7 +734,7 @@ def _efficiency(doc: Doc, res: Results, plot: Plotter):
         return
     shapes = {_shape(r) for r in recs}
     for r in recs:
-        r.setdefault("label", r.get("method") if r.get("impl", "auto") == "auto" else f"{r['method']}:{r['impl']}")
+        r.setdefault("label", series_label(r.get("method"), r.get("impl", "auto")))
         # a method is only ever compared with the baseline of the same shape: runs of several
         # shapes (a resume with other --heads, say) get a section each
         r["_device"] = str(r.get("device") or "cpu") + (f" {_shape(r)}" if len(shapes) > 1 else "")

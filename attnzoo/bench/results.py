@@ -35,10 +35,6 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-#: Where the named configs (``--config quick``) live, in a source checkout.
-CONFIG_DIRS = (Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks")
-
-
 def find_config(name: str) -> Path:
     """A config path from a name (``"quick"`` -> ``benchmarks/quick.toml``) or a path.
 
@@ -48,7 +44,7 @@ def find_config(name: str) -> Path:
     if path.suffix in (".toml",) and path.exists():
         return path
     tried = []
-    for folder in CONFIG_DIRS:
+    for folder in (Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"):
         candidate = folder / (name if name.endswith(".toml") else f"{name}.toml")
         tried.append(str(candidate))
         if candidate.exists():

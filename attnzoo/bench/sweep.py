@@ -186,17 +186,17 @@ def run_checks(checks: list, results: ResultsFile, run_id: str, timeout: float,
             value = [check_error(f"check worker {status}: {value}")] * len(items)
         for item, res in zip(items, value):
             record = {"kind": "check", "key": check_key(*item), "method": item[0], "impl": item[1],
-                      "label": item[0] if item[1] == "auto" else f"{item[0]}:{item[1]}", "pattern": item[2],
+                      "label": eff.label(item[0], item[1]), "pattern": item[2],
                       "options": jsonable(dict(item[3])), **res, "run_id": run_id}
             results.append(record)
             out[item] = record
     return out
 
 
-def run_efficiency(settings: dict, results: ResultsFile, run_id: str, isolate: bool = True,
-                   progress: Optional[ProgressFn] = None) -> list:
-    """Checks then timings; returns the BenchResults measured (or failed) in this invocation."""
-    checks, cases = efficiency_plan(settings)
+def run_efficiency(settings: dict, checks: list, cases: list, results: ResultsFile, run_id: str,
+                   isolate: bool = True, progress: Optional[ProgressFn] = None) -> list:
+    """The plan's checks then its timings (see :func:`efficiency_plan`); returns the
+    BenchResults measured (or failed) in this invocation."""
     verdicts = run_checks(checks, results, run_id, settings["timeout"], progress, isolate)
     out = []
     for case in cases:
@@ -215,10 +215,6 @@ def run_efficiency(settings: dict, results: ResultsFile, run_id: str, isolate: b
         if progress:
             progress(f"{case.label} {case.pattern} N={case.seq_len} {case.mode} {case.dtype}", 1)
     return out
-
-
-def count_efficiency(settings: dict) -> int:
-    return len(efficiency_plan(settings)[1])
 
 
 # ------------------------------------------------------------------------------ tasks
