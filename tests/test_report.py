@@ -7,9 +7,8 @@ import json
 import sys
 import types
 
+import matplotlib  # noqa: F401  (a dev dependency: the report tests must run, never skip)
 import pytest
-
-pytest.importorskip("matplotlib")
 
 from attnzoo.bench.efficiency import efficiency_length  # noqa: E402
 from attnzoo.bench.report import (  # noqa: E402
