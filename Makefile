@@ -1,4 +1,5 @@
-# make test   -- create .venv if missing (torch CPU build first), run the test suite
+# make test   -- create .venv if missing (torch CPU build first), run the test suite (slowest tests listed)
+# make test-fast -- the same without the tests marked slow (trainings, real sweeps, compiles)
 # make bench  -- same set-up, run the quick benchmark (under 5 minutes on 2 cores) and write
 #                bench-results/report.md, report.html and plots
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench readme clean
+.PHONY: test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,13 +18,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m attnzoo bench all --quick --out bench-results
-
-readme: $(STAMP)
-	$(PY) -m attnzoo.readme
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .hypothesis

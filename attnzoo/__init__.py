@@ -2,15 +2,13 @@
 
     import attnzoo as az
     out = az.attention(q, k, v, method="softmax", causal=True)
+    az.list_methods()                      # every registered method (MethodSpec)
 """
 
-# Import the methods subpackage first (registering the built-in methods): importing a
-# subpackage binds its name on the parent package, so the function `methods` below must
-# be bound after it, or `attnzoo.methods` would be the subpackage.
-from . import methods as _builtin_methods  # noqa: F401
-from .api import attention, build, config
+from . import methods  # noqa: F401  (discovers and registers the built-in methods)
+from .api import MethodModule, attention, build, config, detect_nan
 from .errors import AttentionInputError, UnknownMethod, UnsupportedImpl, UnsupportedPattern
-from .registry import MethodSpec, PATTERNS, get, methods, register
+from .registry import PATTERNS, MethodOptions, MethodSpec, get, list_methods, method, register
 from .layers import Attention, RotaryEmbedding
 from . import masks
 
@@ -21,15 +19,20 @@ __all__ = [
     "Attention",
     "RotaryEmbedding",
     "build",
+    "MethodModule",
     "config",
-    "methods",
+    "detect_nan",
+    "list_methods",
     "get",
+    "method",
     "register",
     "MethodSpec",
+    "MethodOptions",
     "PATTERNS",
     "AttentionInputError",
     "UnsupportedPattern",
     "UnknownMethod",
     "UnsupportedImpl",
     "masks",
+    "methods",
 ]

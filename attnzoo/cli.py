@@ -19,7 +19,7 @@ LIST_COLUMNS = ["method", "family", "patterns", "exact", "time", "memory", "impl
 
 def methods_markdown() -> str:
     """The README's table of methods, generated from the registry."""
-    rows = [s.row() for s in registry.methods()]
+    rows = [s.row() for s in registry.list_methods()]
     lines = ["| " + " | ".join(LIST_COLUMNS) + " |", "|" + "---|" * len(LIST_COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in LIST_COLUMNS) + " |")
@@ -30,10 +30,10 @@ def cmd_list(args) -> int:
     if args.markdown:
         sys.stdout.write(methods_markdown())
         return 0
-    table = Table(title=f"attnzoo methods ({len(registry.methods())})")
+    table = Table(title=f"attnzoo methods ({len(registry.list_methods())})")
     for c in LIST_COLUMNS:
         table.add_column(c, overflow="fold", no_wrap=c in ("method", "family"))
-    for s in registry.methods():
+    for s in registry.list_methods():
         r = s.row()
         table.add_row(*[str(r[c]) for c in LIST_COLUMNS])
     _console().print(table)
@@ -180,6 +180,24 @@ def cmd_bench_all(args) -> int:
     return code | cmd_report(argparse.Namespace(results=args.out, report_dir=None))
 
 
+def cmd_bench_overhead(args) -> int:
+    from .bench.overhead import GOAL_RATIO, overhead
+
+    methods = [m for m in (args.methods or "softmax").split(",") if m]
+    rows = overhead(methods, rounds=args.rounds, calls=args.calls)
+    table = Table(title="per-call time at N = 1 (B=1, H=8, D=64, one thread): attnzoo.attention vs "
+                        "F.scaled_dot_product_attention, interleaved, median of rounds")
+    for c in ("method", "impl", "attnzoo µs", "SDPA µs", "ratio", "spread", f"goal ≤ {GOAL_RATIO:g}x"):
+        table.add_column(c, justify="left" if c in ("method", "impl") else "right")
+    for r in rows:
+        table.add_row(r["method"], r["impl"], f"{r['attnzoo_us']:.1f}", f"{r['sdpa_us']:.1f}", f"{r['ratio']:.2f}x",
+                      f"{r['spread'] * 100:.0f}%", "holds" if r["ratio"] <= GOAL_RATIO else "misses")
+    _console().print(table)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .bench.report import main_summary, render_report
 
@@ -218,7 +236,7 @@ def _bench_decode(settings, methods, console, results, run_id) -> bool:
     for name in names:
         cells, first, last = [], None, None
         for p in positions:
-            opts = {**registry.get(name).bench_options, **dict(options.get(name, ()))}
+            opts = {**registry.get(name).sized_options(p, module=True), **dict(options.get(name, ()))}
             case = eff.DecodeCase(name, p, dtype=settings["dtypes"][0], batch=settings["batch"],
                                   heads=settings["heads"], kv_heads=settings["kv_heads"],
                                   head_dim=settings["head_dim"], options=tuple(opts.items()))
@@ -351,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     effp.set_defaults(func=cmd_bench_efficiency)
     tasp.set_defaults(func=cmd_bench_tasks)
     allp.set_defaults(func=cmd_bench_all)
+    ovp = bsub.add_parser("overhead", help="per-call overhead of attention() at N = 1 against SDPA's own call")
+    ovp.add_argument("--methods", default="softmax", help="comma-separated methods (default: softmax)")
+    ovp.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default: %(default)s)")
+    ovp.add_argument("--calls", type=int, default=500, help="calls per round (default: %(default)s)")
+    ovp.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    ovp.set_defaults(func=cmd_bench_overhead)
     r = sub.add_parser("report", help="write report.md, report.html and plots from a results directory")
     r.add_argument("results", help="the results directory of `attnzoo bench` (e.g. bench-results)")
     r.add_argument("--out", dest="report_dir", default=None, help="where to write the report (default: RESULTS)")

@@ -97,6 +97,19 @@ def call(method: str, impl: str, causal: bool, kpm, cross: bool, **options):
     return fn
 
 
+def contract_check(method, impl, pattern, options, case=CASES[2], dtype=torch.float32):
+    """The contract's fast-vs-reference comparison (outputs and q/k/v gradients by the
+    fp64 three-way rule) on one case: raises AssertionError on a mismatch."""
+    spec = az.get(method)
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    q, k, v, kpm, dout = make_inputs(case, pattern)
+    low = [t.to(dtype) for t in (q, k, v)]
+    ref64 = run(call(method, "reference", causal, kpm, cross, **options), q, k, v, dout)
+    ref_low = run(call(method, "reference", causal, kpm, cross, **options), *low, dout)
+    fast = run(call(method, impl, causal, kpm, cross, **options), *low, dout)
+    assert_three_way(fast, ref_low, ref64, spec.get_impl(impl).fudge or spec.fudge, dtype)
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an op produces (forward and
     backward): the probe the no-N×N tests use."""

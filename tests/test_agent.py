@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import attnzoo as az
 from attnzoo.errors import AttentionInputError, UnsupportedPattern
 
+from helpers import CASES, assert_three_way, call, make_inputs, run
+
 IMPLS = ["reference", "agent"]
 
 
@@ -225,6 +227,33 @@ def test_layer_on_a_grid_trains_the_dwc():
     assert attn.attn.dwc_weight.grad.abs().sum() > 0
 
 
+# ------------------------------------------------------------------ contract, with DWC
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("pattern", ["noncausal_self", "noncausal_cross"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_fast_matches_reference_with_the_dwc_term(case, pattern, dtype):
+    """The contract's check (outputs and q/k/v gradients of the fast impl vs the
+    reference, the fp64 three-way rule, awkward shapes) with the DWC term on: a shared
+    3-tap kernel, the contract's former test option for agent."""
+    spec = az.get("agent")
+    q, k, v, kpm, dout = make_inputs(case, pattern)
+    options = {**spec.sized_options(max(q.shape[2], k.shape[2])),
+               "dwc_weight": torch.tensor([[[0.3, -0.5, 0.8]]])}
+    low = [t.to(dtype) for t in (q, k, v)]
+    cross = pattern.endswith("cross")
+    ref64 = run(call("agent", "reference", False, kpm, cross, **options), q, k, v, dout)
+    ref_low = run(call("agent", "reference", False, kpm, cross, **options), *low, dout)
+    fast = run(call("agent", "agent", False, kpm, cross, **options), *low, dout)
+    assert fast[0].dtype == dtype
+    assert_three_way(fast, ref_low, ref64, spec.get_impl("agent").fudge or spec.fudge, dtype)
+    if not cross:  # the DWC term is there (self-attention only)
+        plain = {n: o for n, o in options.items() if n != "dwc_weight"}
+        assert not torch.allclose(ref64[0], run(call("agent", "reference", False, kpm, cross, **plain), q, k, v,
+                                                dout)[0])
+
+
 # ------------------------------------------------------------------- errors, memory
 
 
@@ -244,6 +273,13 @@ def test_bad_options_raise():
         az.attention(q, k, v, method="agent", grid=(3, 4), num_agents=4, dwc_weight=torch.randn(12, 1, 3))
     with pytest.raises(AttentionInputError, match=r"agent_bias\[0\] of shape \(2, 3\) does not broadcast"):
         az.attention(q, k, v, method="agent", agent_bias=(torch.randn(2, 3), None))
+
+
+def test_sizing_hook_keeps_agents_a_quarter_of_short_sequences():
+    spec = az.get("agent")
+    assert spec.sized_options(1) == {"num_agents": 2}
+    assert spec.sized_options(40) == {"num_agents": 10}
+    assert spec.sized_options(64) == spec.sized_options(4096) == {"num_agents": spec.options["num_agents"]}
 
 
 def test_fast_never_saves_an_n_by_n_tensor():

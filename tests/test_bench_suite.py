@@ -54,10 +54,10 @@ def test_shipped_configs_parse_and_cover_all_four_patterns():
         checks, cases = sweep.efficiency_plan(settings)
         assert {c.pattern for c in cases} == set(registry.PATTERNS)
         # every registered method is timed in every pattern it supports
-        for spec in registry.methods():
+        for spec in registry.list_methods():
             assert {c.pattern for c in cases if c.method == spec.name} == set(spec.patterns), spec.name
         assert "tasks" in config, f"{name}.toml has no [tasks] table"
-        tasks = build_task_cases(config["tasks"], [s.name for s in registry.methods()])
+        tasks = build_task_cases(config["tasks"], [s.name for s in registry.list_methods()])
         assert {c.pattern for c in tasks} == set(registry.PATTERNS)
     zoology = build_task_cases(load_config("mqar-zoology")[0]["tasks"], ["softmax"])
     assert {c.vocab_size for c in zoology} == {8192} and max(c.seq_len for c in zoology) == 512
@@ -123,10 +123,11 @@ def test_a_method_failing_its_check_is_reported_not_timed(tmp_path, monkeypatch)
     spec = registry.get("sigmoid")
     good = spec.impls[0]
 
-    def wrong(q, k, v, **kw):
-        return good.fn(q, k, v, **kw) * 1.01  # fast and 1% off
+    def wrong(q, k, v, call):
+        return good.fn(q, k, v, call) * 1.01  # fast and 1% off
 
-    monkeypatch.setattr(spec, "impls", [Impl(good.name, wrong, supports=good.supports, mask_mod=good.mask_mod)])
+    monkeypatch.setattr(spec, "impls", [Impl(good.name, wrong, supports=good.supports, options=good.options,
+                                             description=good.description)])
     verdict = quick_check("sigmoid", "auto", "causal_self")
     assert verdict["status"] == "failed" and "out" in verdict["message"]
     assert quick_check("linear", "auto", "causal_self")["status"] == "ok"

@@ -1,6 +1,7 @@
 """combiner: the reference against an independently written per-query formula, the fast
-block form against the reference (with gradients), causal alignment, padding, decoding,
-full support (every key reachable), density, and no N×N on the fast path."""
+block form against the reference (with gradients), a wrong layout in the fast form caught
+by the contract's comparison, causal alignment, padding, decoding, full support (every
+key reachable), density, and no N×N on the fast path."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 
 import attnzoo as az
 from attnzoo import decoding, stats
-from attnzoo.methods import combiner  # noqa: F401  (registers the method)
+from attnzoo.methods.sparse import combiner
 
-from helpers import LargestTensor
+from helpers import CASES, LargestTensor, assert_three_way, call, make_inputs, run
 
 
 def loop_formula(q, k, v, causal, s, kpm=None, scale=None):
@@ -207,7 +208,7 @@ def test_decoding_block_size_from_max_len_and_errors():
         decoding.init_state("combiner", 1, 1, 4, 4)
     with pytest.raises(az.AttentionInputError, match="block_size"):
         az.attention(*qkv(), method="combiner", block_size=0)
-    with pytest.raises(az.AttentionInputError, match="dense mask"):
+    with pytest.raises(az.AttentionInputError, match="does not take a mask"):
         az.attention(*qkv(Nq=6, Nk=6), method="combiner", mask=torch.ones(6, 6, dtype=torch.bool))
 
 
@@ -255,3 +256,47 @@ def test_fast_path_never_allocates_n_by_n_and_is_sparse(causal):
     # each query uses its block (<= s keys) and <= N/s summaries: O(1/sqrt(N)) of the visible keys
     assert rec["density"][0] < 0.1
     assert rec["density"][0] > 1 / s
+
+
+def _drop_one(layout: torch.Tensor) -> torch.Tensor:
+    """The layout with one kept block dropped: the first kept block of the fullest row."""
+    out = layout.clone()
+    flat = out.view(-1, out.shape[-1])
+    row = int(flat.sum(-1).argmax())
+    flat[row, int(torch.nonzero(flat[row])[0])] = False
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["causal_self", "noncausal_cross"])
+def test_contract_catches_a_wrong_layout_in_the_fast_form(monkeypatch, pattern):
+    """The reference is a second program: a fast form that loses one chosen block fails
+    the contract's three-way comparison (and passes it without the fault)."""
+    spec = az.get("combiner")
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    q, k, v, kpm, dout = make_inputs(CASES[2], pattern)
+    options = spec.sized_options(max(q.shape[2], k.shape[2]))
+    low = [t.float() for t in (q, k, v)]
+
+    def compare():
+        ref64 = run(call("combiner", "reference", causal, kpm, cross, **options), q, k, v, dout)
+        ref32 = run(call("combiner", "reference", causal, kpm, cross, **options), *low, dout)
+        fast = run(call("combiner", "block", causal, kpm, cross, **options), *low, dout)
+        assert_three_way(fast, ref32, ref64, spec.fudge, torch.float32)
+
+    compare()
+    right = combiner.block_layout
+    monkeypatch.setattr(combiner, "block_layout", lambda *a, **kw: _drop_one(right(*a, **kw)))
+    with pytest.raises(AssertionError, match="err\\(fast\\)"):
+        compare()
+
+
+def test_sized_options_are_the_default_block_made_explicit():
+    """for_length gives round(sqrt(N)), the default block, explicitly (decoding, which
+    cannot see the final length, needs it given): the same outputs as the default."""
+    spec = az.get("combiner")
+    for n in (1, 37, 100, 1000):
+        assert spec.sized_options(n) == {"block_size": max(1, round(math.sqrt(n)))}
+    q, k, v = qkv(Nq=100, Nk=100)
+    for causal in (False, True):
+        torch.testing.assert_close(az.attention(q, k, v, method="combiner", causal=causal, **spec.sized_options(100)),
+                                   az.attention(q, k, v, method="combiner", causal=causal), atol=0, rtol=0)

@@ -10,14 +10,18 @@ import torch
 
 import attnzoo as az
 from attnzoo import decoding
-from attnzoo.api import _reason, check_inputs
 from attnzoo.errors import AttentionInputError, UnsupportedImpl, UnsupportedPattern
 from attnzoo.registry import PATTERNS, MethodSpec
 
 from helpers import CASES, assert_three_way, call, make_inputs, run
 
-SPECS = az.methods()
+SPECS = az.list_methods()
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+def sized(spec, *lengths) -> dict:
+    """The spec's own options for inputs of these lengths (its sizing hook)."""
+    return spec.sized_options(max(lengths))
 
 
 def _fast_grid():
@@ -38,15 +42,15 @@ def test_fast_matches_reference(method, impl, pattern, case, dtype):
     q, k, v, kpm, dout = make_inputs(case, pattern)
     if spec.query == "learned":  # one learned query per head; outputs one row per key
         q = q[:, :, :1]
-    options = dict(spec.test_options)
+    options = sized(spec, q.shape[2], k.shape[2])
     if case.q_heads != case.kv_heads and not spec.gqa:
         with pytest.raises(AttentionInputError, match="heads"):
             az.attention(q, k, v, method=method, impl=impl, causal=causal, cross=cross, **options)
         return
     low = [t.to(dtype) for t in (q, k, v)]
-    info = check_inputs(spec, *[t.requires_grad_(True) for t in low], causal=causal, key_padding_mask=kpm,
-                        cross=cross, options=options)
-    reason = _reason(spec.get_impl(impl), info)
+    info = spec.check(*[t.requires_grad_(True) for t in low], causal=causal, key_padding_mask=kpm, cross=cross,
+                      **options)
+    reason = spec.why_not(spec.get_impl(impl), info)
     if reason is not None:  # e.g. FlexAttention on CPU with autograd: it must say so, never run silently
         with pytest.raises(UnsupportedImpl, match=impl):
             az.attention(*low, method=method, impl=impl, causal=causal, key_padding_mask=kpm, cross=cross, **options)
@@ -65,9 +69,10 @@ def test_causal_equals_explicit_lower_triangular_mask(method):
     q, k, v, _, _ = make_inputs(CASES[1], "causal_self", dtype=torch.float32)
     n = q.shape[2]
     tril = torch.ones(n, n, dtype=torch.bool).tril()
-    a = az.attention(q, k, v, method=method, causal=True, impl="reference", **spec.test_options)
+    options = sized(spec, n)
+    a = az.attention(q, k, v, method=method, causal=True, impl="reference", **options)
     for impl in spec.impl_names:
-        b = az.attention(q, k, v, method=method, mask=tril, impl=impl, **spec.test_options)
+        b = az.attention(q, k, v, method=method, mask=tril, impl=impl, **options)
         torch.testing.assert_close(a, b)
 
 
@@ -90,16 +95,17 @@ def test_decoding_equals_causal_forward(method, dtype):
     learned = spec.query == "learned"
     if learned:
         q = q[:, :, :1]
-    full = az.attention(q, k, v, method=method, causal=True, **spec.test_options)
-    state = decoding.init_state(method, B, Hkv, D, Dv, dtype=dtype, **spec.test_options)
+    options = sized(spec, N)
+    full = az.attention(q, k, v, method=method, causal=True, **options)
+    state = decoding.init_state(method, B, Hkv, D, Dv, dtype=dtype, **options)
 
     def queries(sl):
         return q if learned else q[:, :, sl]
 
-    outs = [decoding.step(method, state, queries(slice(0, 7)), k[:, :, :7], v[:, :, :7], **spec.test_options)]
+    outs = [decoding.step(method, state, queries(slice(0, 7)), k[:, :, :7], v[:, :, :7], **options)]
     for t in range(7, N):
         sl = slice(t, t + 1)
-        outs.append(decoding.step(method, state, queries(sl), k[:, :, sl], v[:, :, sl], **spec.test_options))
+        outs.append(decoding.step(method, state, queries(sl), k[:, :, sl], v[:, :, sl], **options))
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=tol, rtol=tol)
 
@@ -109,9 +115,8 @@ def test_every_unsupported_pattern_raises():
     UnsupportedPattern naming the supported ones; checked on a stand-in method too, so
     the mechanism is tested even while every registered method supports all patterns."""
 
-    def ref(q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0,
-            return_weights=False):
-        return az.get("softmax").reference(q, k, v, causal=causal, scale=scale)
+    def ref(q, k, v, call):
+        return az.get("softmax").reference(q, k, v, call)
 
     standin = MethodSpec(name="_selfonly", family="test", summary="", paper="", reference=ref,
                          patterns=("noncausal_self",))
@@ -125,7 +130,7 @@ def test_every_unsupported_pattern_raises():
             nq = 1 if spec.query == "learned" else 5
             q, k, v = torch.randn(1, 2, nq, 8), torch.randn(1, 2, 7 if cross else 5, 8), torch.randn(1, 2, 7 if cross else 5, 8)
             with pytest.raises(UnsupportedPattern, match=spec.patterns[0]):
-                check_inputs(spec, q, k, v, causal=causal, cross=cross)
+                spec.check(q, k, v, causal=causal, cross=cross)
             checked += 1
     assert checked >= 3
 
@@ -135,7 +140,7 @@ def test_no_decoding_raises(monkeypatch):
     from attnzoo import registry
 
     standin = MethodSpec(name="_nodecode", family="test", summary="", paper="",
-                         reference=az.get("softmax").reference, decoding=False)
+                         reference=az.get("softmax").reference)
     monkeypatch.setitem(registry._REGISTRY, "_nodecode", standin)
     for spec in SPECS + [standin]:
         if not spec.decoding:
@@ -188,7 +193,7 @@ def test_every_spec_is_complete():
         assert spec.paper and spec.summary and spec.time and spec.memory
         assert spec.impls, f"{spec.name} has no fast implementation"
         if spec.decoding:
-            assert spec.init_state is not None and spec.step is not None and spec.state_size
+            assert spec.state_size, f"{spec.name}: its decoder has no state_size"
         row = spec.row()
         assert row["method"] == spec.name
         for impl in spec.impls:
@@ -212,8 +217,8 @@ def test_exact_methods_equal_torch_sdpa(method, pattern):
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
     expected = expected.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     for impl in spec.impl_names:
-        info = check_inputs(spec, q, k, v, causal=causal, key_padding_mask=kpm, cross=cross)
-        if _reason(spec.get_impl(impl), info) is not None:
+        info = spec.check(q, k, v, causal=causal, key_padding_mask=kpm, cross=cross)
+        if spec.why_not(spec.get_impl(impl), info) is not None:
             continue
         out = az.attention(q, k, v, method=method, impl=impl, causal=causal, key_padding_mask=kpm, cross=cross)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5, msg=f"{method}:{impl}")
@@ -247,3 +252,57 @@ def test_causal_forms_are_causal_or_say_why_not(method):
     else:
         bad = {key: d for key, d in leaks.items() if d > 1e-9}
         assert not bad, f"outputs change when only later inputs change: {bad}"
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _mask_grid():
+    for spec in SPECS:
+        if not spec.masks:
+            continue
+        for impl in spec.impls:
+            for pattern in spec.patterns:
+                for kind in ("dense", "mask_mod"):
+                    yield pytest.param(spec.name, impl.name, pattern, kind,
+                                       id=f"{spec.name}-{impl.name}-{pattern}-{kind}")
+
+
+def _test_mask(kind: str, q_len: int, kv_len: int, batch: int, heads: int):
+    """A dense bool mask with a few fully masked rows, or a mask_mod (a block-diagonal
+    document mask with a per-head stride): both hide most keys of some queries."""
+    if kind == "dense":
+        g = torch.Generator().manual_seed(3)
+        m = torch.rand(batch, heads, q_len, kv_len, generator=g) < 0.7
+        m[:, :, ::17] = False  # some queries see nothing: zeros, never NaN
+        return m
+    docs_q = torch.arange(q_len) * 3 // q_len
+    docs_k = torch.arange(kv_len) * 3 // kv_len
+
+    def documents_with_stride(b, h, q_idx, kv_idx):
+        return (docs_q[q_idx] == docs_k[kv_idx]) | ((kv_idx % (h + 2)) == 0)
+
+    return documents_with_stride
+
+
+@pytest.mark.parametrize("method,impl,pattern,kind", list(_mask_grid()))
+def test_fast_matches_reference_with_masks(method, impl, pattern, kind):
+    """Every method that takes masks: each fast impl equals the reference under a dense
+    bool mask and under a mask_mod (outputs and q/k/v gradients, the three-way rule)."""
+    spec = az.get(method)
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    case = CASES[2] if spec.gqa else CASES[1]
+    q, k, v, kpm, dout = make_inputs(case, pattern)
+    mask = _test_mask(kind, q.shape[2], k.shape[2], q.shape[0], q.shape[1])
+    options = {**sized(spec, q.shape[2], k.shape[2]), "mask": mask}
+    low = [t.float() for t in (q, k, v)]
+    info = spec.check(*[t.clone().requires_grad_(True) for t in low], causal=causal, cross=cross, **options)
+    reason = spec.why_not(spec.get_impl(impl), info)
+    if reason is not None:
+        with pytest.raises(UnsupportedImpl, match=impl):
+            az.attention(*low, method=method, impl=impl, causal=causal, cross=cross, **options)
+        return
+    ref64 = run(call(method, "reference", causal, None, cross, **options), q, k, v, dout)
+    ref32 = run(call(method, "reference", causal, None, cross, **options), *low, dout)
+    fast = run(call(method, impl, causal, None, cross, **options), *low, dout)
+    assert_three_way(fast, ref32, ref64, spec.get_impl(impl).fudge or spec.fudge, torch.float32)

@@ -9,9 +9,12 @@ import torch
 
 import attnzoo as az
 from attnzoo import decoding, masks
-from attnzoo.methods import dilated, moa
+from attnzoo.kernels import windows
+from attnzoo.methods.local import dilated, moa
 
-from helpers import LargestTensor
+from attnzoo.registry import PATTERNS as ALL_PATTERNS
+
+from helpers import CASES, LargestTensor, call, contract_check, run
 
 
 def brute(allowed, heads, nq, nk):
@@ -101,7 +104,7 @@ def test_dilated_layout_is_exactly_the_touched_blocks(causal, window, dilations,
     rates = dilated.head_rates(dilations, heads)
     gapped = False
     for nq, nk in ((70, 70), (30, 70), (70, 45), (1, 33)):
-        layout = dilated.dilated_layout(nq, nk, block, window, rates, causal)
+        layout = windows.dilated_layout(nq, nk, block, window, rates, causal)
         mod = masks.dilated_window_mask(window, dilations, causal, nq, nk)
         expected = masks.block_layout(mod, 1, heads, nq, nk, block_size=block)[0]
         assert torch.equal(layout, expected.expand_as(layout))
@@ -119,7 +122,7 @@ def test_moa_layout_is_exactly_the_touched_blocks(causal, spans, sinks, block):
     heads = 4
     widths = moa.head_spans(spans, 0.0, heads, None)
     for nq, nk in ((70, 70), (30, 70), (70, 45), (1, 33)):
-        layout = moa.moa_layout(nq, nk, block, widths, sinks, causal)
+        layout = windows.window_layout(nq, nk, block, widths, sinks, causal)
         mod = masks.per_head_window_mask(widths, sinks, causal, nq, nk)
         expected = masks.block_layout(mod, 1, heads, nq, nk, block_size=block)[0]
         assert torch.equal(layout, expected.expand_as(layout))
@@ -128,9 +131,9 @@ def test_moa_layout_is_exactly_the_touched_blocks(causal, spans, sinks, block):
 def test_kept_blocks_grow_with_the_window_not_with_n():
     """The kernel's work per query block is bounded by the window (times the dilation), not N."""
     for n in (512, 4096):
-        lay = dilated.dilated_layout(n, n, 64, 64, dilated.head_rates((1, 2, 4, 8), 4), True)
+        lay = windows.dilated_layout(n, n, 64, 64, dilated.head_rates((1, 2, 4, 8), 4), True)
         assert int(lay.sum(-1).max()) <= -(-(8 * 63 + 1) // 64) + 1
-        lay = moa.moa_layout(n, n, 64, moa.head_spans((64, 128, 256, 512), 0.0, 4, n), 0, True)
+        lay = windows.window_layout(n, n, 64, moa.head_spans((64, 128, 256, 512), 0.0, 4, n), 0, True)
         assert int(lay.sum(-1).max()) <= 512 // 64 + 1
 
 
@@ -330,3 +333,107 @@ def test_fit_spans_on_real_weights_respects_the_budget_and_candidates():
         moa.fit_spans(weights, 2, candidates=[3, 10])
     with pytest.raises(az.AttentionInputError, match="reference_attention must be"):
         moa.fit_spans(weights[0, 0, 0], 4)
+
+
+# ------------------------------------------------------------------ sizing and edge options
+
+
+def _density(method, n, **opts):
+    """Fraction of (query, key) pairs the reference gives a nonzero weight (causal self),
+    relative to the causally visible ones."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 4, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    _, w = az.attention(q, k, v, method=method, causal=True, impl="reference", return_weights=True, **opts)
+    return float((w > 0).double().sum() / (4 * n * (n + 1) / 2))
+
+
+@pytest.mark.parametrize("method", ["dilated", "moa"])
+def test_sized_options_stay_local_at_short_lengths_and_are_the_defaults_at_long_ones(method):
+    """for_length: windows of N/4 (dilated), spans N/8, N/4, N/4, N/2 (moa) at task
+    lengths, so a query sees a fraction of the keys; the library defaults from N = 1024."""
+    spec = az.get(method)
+    for n in (32, 64, 256):
+        assert 0.1 < _density(method, n, **spec.sized_options(n)) < 0.6, n
+    for n in (1024, 8192):
+        assert spec.sized_options(n) == {name: spec.options[name] for name in spec.sized_options(n)}
+    assert spec.sized_options(64) == ({"window": 16} if method == "dilated" else {"alpha": (8, 16, 16, 32)})
+
+
+EDGE_OPTIONS = [  # what the old test_options exercised: a dilation wider than the kernel's 64-token
+    ("dilated", {"window": 6, "dilations": (1, 70, 3)}),  # block (gapped layouts), three rates
+    ("moa", {"alpha": (5, 100, 17), "sinks": 2}),  # spans from 5 to 100 (one over a block), sinks
+]
+
+
+@pytest.mark.parametrize("method,opts", EDGE_OPTIONS, ids=[m for m, _ in EDGE_OPTIONS])
+@pytest.mark.parametrize("pattern", ALL_PATTERNS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_block_matches_reference_with_wide_dilations_and_spans(method, opts, pattern, case):
+    """The contract's three-way rule (outputs and q/k/v gradients) on its awkward shapes,
+    with the default 64-token blocks."""
+    contract_check(method, "block", pattern, opts, case)
+
+
+@pytest.mark.parametrize("method,opts", EDGE_OPTIONS, ids=[m for m, _ in EDGE_OPTIONS])
+def test_decoding_with_wide_dilations_and_spans(method, opts):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 45, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 45, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    got, _, _ = _decode(method, q, k, v, prefill=7, **opts)
+    torch.testing.assert_close(got, az.attention(q, k, v, method=method, causal=True, **opts), atol=1e-10, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------ score_mods
+
+
+def _tilted(score, b, h, q_idx, kv_idx):  # not additive: the block kernel must chain through it
+    return 3.0 * torch.tanh(score / 3.0) - 0.05 * (h + 1) * (q_idx - kv_idx).abs()
+
+
+@pytest.mark.parametrize("method,opts", [("dilated", {"window": 5, "dilations": (1, 3)}),
+                                         ("moa", {"alpha": (4, 11), "sinks": 1})])
+@pytest.mark.parametrize("causal", [True, False])
+def test_score_mods_in_every_path(method, opts, causal):
+    """A caller's score_mod is applied by the reference — equal to softmax with the
+    pattern as a mask and the same score_mod — and by ``block``, outputs and gradients."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64)
+    ref = run(call(method, "reference", causal, None, False, **opts, score_mod=_tilted), q, k, v, dout)
+    fast = run(call(method, "block", causal, None, False, **opts, block_size=16, score_mod=_tilted), q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+        torch.testing.assert_close(a, b, msg=name)
+    _, w = az.attention(q, k, v, method=method, causal=causal, impl="reference", return_weights=True, **opts)
+    expected = az.attention(q, k, v, mask=w > 0, score_mod=_tilted)
+    torch.testing.assert_close(ref[0], expected)
+
+
+# ------------------------------------------------------------------- flex block-mask cache
+
+
+@pytest.mark.skipif(not masks.flex_available(), reason="FlexAttention missing from this torch build")
+@pytest.mark.parametrize("method,opts,other", [
+    ("dilated", {"window": 8, "dilations": (1, 3)}, {"window": 8, "dilations": (1, 4)}),
+    ("moa", {"alpha": (16, 64), "sinks": 2}, {"alpha": (16, 64), "sinks": 3}),
+])
+def test_flex_block_masks_are_cached_by_the_pattern(monkeypatch, method, opts, other):
+    """The flex paths give FlexAttention their pattern with a ``cache_key``: a second call
+    with the same options reuses the block mask, other options build a new one. (The
+    compiled kernel is stubbed out: only the block masks are under test.)"""
+    from collections import OrderedDict
+
+    from attnzoo.kernels import flex
+
+    monkeypatch.setattr(flex, "_compiled", lambda: (lambda q, k, v, **kw: torch.zeros_like(q)))
+    monkeypatch.setattr(flex, "_BLOCK_MASKS", OrderedDict())
+    q = torch.randn(1, 2, 96, 16)
+    with torch.no_grad():
+        for causal in (True, False):
+            az.attention(q, q, q, method=method, causal=causal, impl="flex", **opts)
+            az.attention(q, q, q, method=method, causal=causal, impl="flex", **opts)
+        assert len(flex._BLOCK_MASKS) == 2
+        az.attention(q, q, q, method=method, causal=True, impl="flex", **other)
+        assert len(flex._BLOCK_MASKS) == 3
+    assert masks.dilated_window_mask(8, (1, 3), True, 90, 96).cache_key == ("dilated_window", 8, (1, 3), True, 6)
+    assert masks.per_head_window_mask((16, 64), 2, False).cache_key == ("per_head_window", (16, 64), 2, False, 0)

@@ -1,6 +1,8 @@
-"""landmark and hip (content-routed sparse attention): the selections against brute
-force, fast vs reference in float64 with gradients, causal alignment, padding, decoding,
-the no-N×N probe and the needle-recall test."""
+"""landmark and hip (content-routed sparse attention): both selections (the reference's
+plain one and the fast form's vectorised one) against brute force, ties included, fast
+vs reference in float64 with gradients, a wrong selection in the fast form caught by the
+contract's comparison, causal alignment, padding, decoding, the no-N×N probe and the
+needle-recall test."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from helpers import LargestTensor
 import attnzoo as az
 from attnzoo import decoding, stats
 from attnzoo.errors import AttentionInputError, UnsupportedImpl
-from attnzoo.methods import hip, landmark
+from attnzoo.methods.sparse import hip, landmark
+
+from helpers import CASES, assert_three_way, call, make_inputs, run
 
 NEG = float("-inf")
 
@@ -45,7 +49,9 @@ SHAPES = [  # causal, Nq, Nk
 
 
 def brute_landmark_select(q, k, kpm, causal, bs, topk, scale):
-    """{(b, h, i): set of blocks} by Python loops over the definition."""
+    """{(b, h, i): set of blocks} by Python loops over the definition (the selection
+    arithmetic: float32-rounded inputs and landmarks, float64 scores; ties: lower block)."""
+    q, k = q.float().double(), k.float().double()
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -55,7 +61,7 @@ def brute_landmark_select(q, k, kpm, causal, bs, topk, scale):
         for hk in range(Hkv):
             for blk in range(nkb):
                 keys = [j for j in range(blk * bs, min(Nk, (blk + 1) * bs)) if kpm is None or bool(kpm[b, j])]
-                lms[b, hk, blk] = torch.stack([k[b, hk, j] for j in keys]).mean(0) if keys else None
+                lms[b, hk, blk] = torch.stack([k[b, hk, j] for j in keys]).mean(0).float().double() if keys else None
     out = {}
     for b in range(B):
         for h in range(Hq):
@@ -74,15 +80,22 @@ def brute_landmark_select(q, k, kpm, causal, bs, topk, scale):
 
 @pytest.mark.parametrize("causal,nq,nk", SHAPES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_landmark_selection_equals_brute_force(causal, nq, nk, padded):
+@pytest.mark.parametrize("ties", [False, True])
+def test_landmark_selection_equals_brute_force(causal, nq, nk, padded, ties):
+    """Both programs' selections equal the definition; with ``ties`` every block holds the
+    same keys, so all landmarks (and scores) are equal and the lower index must win."""
     q, k, _ = _inputs(2, 4, 2, nq, nk)
+    if ties:
+        k = k[:, :, :8].repeat(1, 1, -(-nk // 8), 1)[:, :, :nk]
     kpm = _padding(2, nk) if padded else None
-    idx, valid = landmark.select(q, k, causal=causal, key_padding_mask=kpm, scale=0.25, block_size=8, topk=3)
+    idx, valid = landmark.select(q, k, causal=causal, key_mask=kpm, scale=0.25, block_size=8, topk=3)
+    ref = landmark.reference_select(q, k, causal=causal, key_mask=kpm, scale=0.25, block_size=8, topk=3)
     want = brute_landmark_select(q, k, kpm, causal, 8, 3, 0.25)
     for (b, h, i), blocks in want.items():
         got = {int(x) for x, ok in zip(idx[b, h, i], valid[b, h, i]) if ok}
         assert got == blocks, (b, h, i)
         assert len(got) == int(valid[b, h, i].sum())  # no block twice
+        assert {int(x) for x in torch.nonzero(ref[b, h, i]).flatten()} == blocks, (b, h, i)
 
 
 @pytest.mark.parametrize("causal,nq,nk", SHAPES)
@@ -245,7 +258,9 @@ def test_landmark_decoding_equals_forward_and_caches_one_landmark_per_block():
 
 
 def brute_hip_layout(q, k, kpm, causal, bs, topk, scale, rep):
-    """The tree search with Python lists, one query block at a time."""
+    """The tree search with Python lists, one query block at a time (float32-rounded
+    inputs; ties: the lower segment start, then the lower end)."""
+    q, k = q.float().double(), k.float().double()
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -288,7 +303,7 @@ def brute_hip_layout(q, k, kpm, causal, bs, topk, scale, rep):
                 segs = [((s * H) // m, ((s + 1) * H) // m) for s in range(m)]
                 while True:
                     sc = [score(s) for s in segs]
-                    order = sorted(range(len(segs)), key=lambda x: (-sc[x], x))[:topk]
+                    order = sorted(range(len(segs)), key=lambda x: (-sc[x], segs[x][0], segs[x][1]))[:topk]
                     segs, kept = [segs[x] for x in order], [sc[x] for x in order]
                     if max(max(e - s, 0) for s, e in segs) <= 1:
                         break
@@ -307,12 +322,20 @@ def brute_hip_layout(q, k, kpm, causal, bs, topk, scale, rep):
 
 @pytest.mark.parametrize("causal,nq,nk", SHAPES + [(True, 200, 200), (False, 150, 150)])
 @pytest.mark.parametrize("rep", ["middle", "first", "max_norm"])
-def test_hip_selection_equals_brute_force(causal, nq, nk, rep):
+@pytest.mark.parametrize("ties", [False, True])
+def test_hip_selection_equals_brute_force(causal, nq, nk, rep, ties):
+    """Both programs' layouts equal the definition; with ``ties`` all keys are equal, so
+    every representative scores the same and the lower position must win."""
     q, k, _ = _inputs(2, 4, 2, nq, nk)
+    if ties:
+        k = k[:, :, :1].expand(-1, -1, nk, -1).contiguous()
     kpm = _padding(2, nk)
-    got = hip.select(q, k, causal=causal, key_padding_mask=kpm, scale=0.25, block_size=8, topk=2, representative=rep)
+    got = hip.select(q, k, causal=causal, key_mask=kpm, scale=0.25, block_size=8, topk=2, representative=rep)
+    ref = hip.reference_layout(q, k, causal=causal, key_mask=kpm, scale=0.25, block_size=8, topk=2,
+                               representative=rep)
     want = brute_hip_layout(q, k, kpm, causal, 8, 2, 0.25, rep)
     assert torch.equal(got, want)
+    assert torch.equal(ref, want)
     # sparse: at most topk searched blocks plus the own blocks per query block
     assert int(got.sum(-1).max()) <= 2 + 2
 
@@ -353,7 +376,7 @@ def test_hip_fast_matches_reference_float64(causal, nq, nk, rep):
 
 def test_hip_causal_alignment_and_future_keys():
     q, k, v = _inputs(1, 2, 2, 96, 96)
-    lay = hip.select(q, k, causal=True, key_padding_mask=None, scale=0.25, block_size=8, topk=2)
+    lay = hip.select(q, k, causal=True, key_mask=None, scale=0.25, block_size=8, topk=2)
     nb = lay.shape[-1]
     assert not (lay & torch.ones(nb, nb, dtype=torch.bool).triu(1)).any()  # no future block
     assert lay[..., torch.arange(nb), torch.arange(nb)].all()  # the diagonal block
@@ -364,7 +387,7 @@ def test_hip_causal_alignment_and_future_keys():
     other = az.attention(q, k2, v2, method="hip", causal=True, block_size=8, topk=2)
     torch.testing.assert_close(other[:, :, :53], full[:, :, :53], atol=1e-12, rtol=1e-12)
     # lower-right: 20 queries against 96 keys sit at positions 76..95 (blocks 9..11)
-    lay_x = hip.select(q[:, :, -20:], k, causal=True, key_padding_mask=None, scale=0.25, block_size=8, topk=2)
+    lay_x = hip.select(q[:, :, -20:], k, causal=True, key_mask=None, scale=0.25, block_size=8, topk=2)
     assert lay_x.shape[2:] == (3, 12)
     assert lay_x[0, 0, 0, 9:11].all() and not lay_x[0, 0, 0, 11]  # queries 0-7 = positions 76..83
 
@@ -465,3 +488,75 @@ def test_hip_takes_a_mask_mod_without_densifying_it():
                         mask=azm.document_mask(torch.arange(300) // 70), impl="block")
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=2e-5)
     assert torch.isfinite(got).all()
+
+
+# ----------------------------------------------------------------- wrong selections are caught
+
+
+def _compare(method, impl, pattern, case=CASES[2]):
+    """The contract's comparison: fast (float32) vs the reference in float32 and float64,
+    outputs and q/k/v gradients, by the three-way rule."""
+    spec = az.get(method)
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    q, k, v, kpm, dout = make_inputs(case, pattern)
+    options = spec.sized_options(max(q.shape[2], k.shape[2]))
+    low = [t.float() for t in (q, k, v)]
+    ref64 = run(call(method, "reference", causal, kpm, cross, **options), q, k, v, dout)
+    ref32 = run(call(method, "reference", causal, kpm, cross, **options), *low, dout)
+    fast = run(call(method, impl, causal, kpm, cross, **options), *low, dout)
+    assert_three_way(fast, ref32, ref64, spec.get_impl(impl).fudge or spec.fudge, torch.float32)
+
+
+@pytest.mark.parametrize("pattern", ["causal_self", "causal_cross", "noncausal_self"])
+def test_contract_catches_a_dropped_landmark_block(monkeypatch, pattern):
+    """The reference selects by its own program: a fast form whose selection loses one
+    retrieved block (of one query) fails the contract's comparison."""
+    landmark_select = landmark.select
+
+    def lossy(*args, **kwargs):
+        idx, valid = landmark_select(*args, **kwargs)
+        valid = valid.clone()
+        b, h, i = (int(x[-1]) for x in torch.nonzero(valid[..., 1]).unbind(-1))  # the last query that retrieves
+        valid[b, h, i, 1] = False  # its best-scoring retrieved block
+        return idx, valid
+
+    _compare("landmark", "gather", pattern)
+    monkeypatch.setattr(landmark, "select", lossy)
+    with pytest.raises(AssertionError, match="err\\(fast\\)"):
+        _compare("landmark", "gather", pattern)
+
+
+@pytest.mark.parametrize("pattern", ["causal_self", "causal_cross", "noncausal_self"])
+def test_contract_catches_a_dropped_hip_block(monkeypatch, pattern):
+    """The reference searches by its own program: a fast form whose search loses one
+    kept block (of one query block and head) fails the contract's comparison."""
+    hip_select = hip.select
+
+    def lossy(*args, **kwargs):
+        layout = hip_select(*args, **kwargs).clone()
+        flat = layout.view(-1, layout.shape[-1])
+        row = int(flat.sum(-1).argmax())  # the query block that keeps the most blocks
+        flat[row, int(torch.nonzero(flat[row])[0])] = False  # loses its first
+        return layout
+
+    _compare("hip", "block", pattern)
+    monkeypatch.setattr(hip, "select", lossy)
+    with pytest.raises(AssertionError, match="err\\(fast\\)"):
+        _compare("hip", "block", pattern)
+
+
+# ----------------------------------------------------------------------------- sizing
+
+
+@pytest.mark.parametrize("method", ["landmark", "hip"])
+def test_sized_options_are_sparse_at_short_lengths_and_the_defaults_at_long_ones(method):
+    """for_length: 8 blocks of N/8 and two retrieved at task lengths (a query sees about
+    three eighths of the keys, noncausal), the library defaults (64, 4) from long lengths on."""
+    spec = az.get(method)
+    for n in (32, 64, 256):
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, 4, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        _, w = az.attention(q, k, v, method=method, impl="reference", return_weights=True, **spec.sized_options(n))
+        assert 0.1 < float((w > 0).double().mean()) < 0.4, n
+    assert spec.sized_options(4096) == {"block_size": spec.options["block_size"], "topk": spec.options["topk"]}
+    assert all(v >= 1 for v in spec.sized_options(1).values())

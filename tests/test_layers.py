@@ -8,14 +8,13 @@ import torch.nn.functional as F
 
 import attnzoo as az
 
-METHODS = [s.name for s in az.methods()]
+METHODS = [s.name for s in az.list_methods()]
 
 
-def layer_options(method: str) -> dict:
-    """Options a method needs to run (e.g. block_sparse's layout); learnable methods take
-    module arguments instead, and their defaults run."""
-    spec = az.get(method)
-    return {} if spec.module is not None else dict(spec.test_options)
+def layer_options(method: str, n: int = 21) -> dict:
+    """The options the method's sizing hook gives at length ``n`` (for learnable methods,
+    those their module's constructor takes)."""
+    return az.get(method).sized_options(n, module=True)
 
 
 def randomize(module):
@@ -25,7 +24,7 @@ def randomize(module):
     return module
 
 
-@pytest.mark.parametrize("method", [s.name for s in az.methods() if s.decoding])
+@pytest.mark.parametrize("method", [s.name for s in az.list_methods() if s.decoding])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_step_equals_forward(method, kv_heads):
     attn = randomize(az.Attention(dim=32, heads=4, kv_heads=kv_heads, method=method, causal=True, rotary=True,
@@ -37,7 +36,7 @@ def test_step_equals_forward(method, kv_heads):
     torch.testing.assert_close(torch.cat(steps, 1), full)
 
 
-@pytest.mark.parametrize("method", [s.name for s in az.methods() if "noncausal_cross" in s.patterns])
+@pytest.mark.parametrize("method", [s.name for s in az.list_methods() if "noncausal_cross" in s.patterns])
 def test_cross_attention_and_cross_decoding(method):
     attn = randomize(az.Attention(dim=32, heads=4, kv_heads=2, method=method, context_dim=24,
                                   **layer_options(method))).double()

@@ -4,6 +4,7 @@ and the Hedgehog distillation fidelity."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -12,7 +13,11 @@ import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo import decoding
-from attnzoo.methods import hedgehog, linear
+from attnzoo.kernels import linear_scan
+
+hedgehog = importlib.import_module("attnzoo.methods.linear.hedgehog")
+linear = importlib.import_module("attnzoo.methods.linear.linear")
+lightning = importlib.import_module("attnzoo.methods.linear.lightning")
 
 
 def qkv(B=2, H=2, N=40, D=8, Dv=6, Nq=None, seed=0):
@@ -128,8 +133,7 @@ def test_lightning_equals_decayed_recurrence(impl, chunk):
 
 
 def test_lightning_default_decays_follow_transnormer_rule_and_refuse_noncausal():
-    from attnzoo.methods.lightning import decays
-
+    decays = lightning.decays
     torch.testing.assert_close(decays(4), torch.exp(-torch.tensor([0.0, 2.0, 4.0, 6.0])))
     torch.testing.assert_close(decays(4, layer_ratio=0.5), torch.exp(-torch.tensor([0.0, 1.0, 2.0, 3.0])))
     q, k, v = qkv()
@@ -224,8 +228,6 @@ def test_aaren_padding_and_module_in_a_layer():
 
 def test_long_sequences_run_in_segments_with_the_same_result(monkeypatch):
     """Segmenting the causal scan (to keep temporaries small) changes nothing, grads included."""
-    from attnzoo.methods import _linear
-
     q, k, v = (t.requires_grad_(True) for t in qkv(N=90))
     lam = torch.tensor([1.0, 0.9], dtype=torch.float64)
 
@@ -234,7 +236,7 @@ def test_long_sequences_run_in_segments_with_the_same_result(monkeypatch):
         return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
 
     whole = run()
-    monkeypatch.setattr(_linear, "SEGMENT_ELEMENTS", 2 * 2 * 8 * 3)  # 24-token segments
+    monkeypatch.setattr(linear_scan, "SEGMENT_ELEMENTS", 2 * 2 * 8 * 3)  # 24-token segments
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(whole[0], recurrent(q.detach(), k.detach(), v.detach(), decay=lam, normalize=False))
@@ -245,8 +247,6 @@ def test_long_sequences_run_in_segments_with_the_same_result(monkeypatch):
 def test_segmented_pipeline_equals_whole(monkeypatch, method, opts):
     """Feature maps and the scan run segment by segment for long causal inputs: same
     outputs and gradients as one segment (positions for cosFormer carried across)."""
-    from attnzoo.methods import _linear
-
     q, k, v = (t.requires_grad_(True) for t in qkv(N=90))
     kpm = torch.ones(2, 90, dtype=torch.bool)
     kpm[1, 30:45] = False
@@ -256,8 +256,8 @@ def test_segmented_pipeline_equals_whole(monkeypatch, method, opts):
         return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
 
     whole = run()
-    monkeypatch.setattr(_linear, "SEGMENT_ELEMENTS", 2 * 2 * 8 * 24)
-    assert _linear.segment_length(2, 2, 8, 8) == 24  # 90 tokens: segments of 24, 24, 24, 18
+    monkeypatch.setattr(linear_scan, "SEGMENT_ELEMENTS", 2 * 2 * 8 * 24)
+    assert linear_scan.segment_length(2, 2, 8, 8) == 24  # 90 tokens: segments of 24, 24, 24, 18
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b)
     ref = az.attention(q, k, v, method=method, causal=True, key_padding_mask=kpm, impl="reference", **opts)

@@ -8,9 +8,11 @@ import torch
 
 import attnzoo as az
 from attnzoo import decoding, masks
-from attnzoo.methods import block_sparse
+from attnzoo.methods.sparse import block_sparse
 
-from helpers import LargestTensor
+from attnzoo.registry import PATTERNS
+
+from helpers import CASES, LargestTensor, call, contract_check, run
 
 
 def brute(fn, nq, nk):
@@ -36,7 +38,7 @@ def test_window_sink_pattern_equals_brute_force(window, sinks, causal, nq, nk):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window,sinks,block", [(7, 0, 4), (24, 3, 16), (64, 4, 16), (3, 5, 8)])
 def test_window_layout_covers_exactly_the_touched_blocks(causal, window, sinks, block):
-    from attnzoo.methods.sliding_window import window_layout
+    from attnzoo.kernels.windows import window_layout
 
     for nq, nk in ((70, 70), (30, 70), (70, 45)):
         layout = window_layout(nq, nk, block, window, sinks, causal)[0]
@@ -114,7 +116,7 @@ def test_block_sparse_errors():
 
 def test_kernel_takes_per_sequence_layouts():
     """Content-routed methods select different blocks per sequence: (B, H, nqb, K) indices."""
-    from attnzoo.methods._blocksparse import block_indices, block_sparse_attention
+    from attnzoo.kernels.blocksparse import block_indices, block_sparse_attention
 
     q, k, v = (torch.randn(2, 2, 40, 8, dtype=torch.float64) for _ in range(3))
     lay = torch.zeros(2, 2, 5, 5, dtype=torch.bool)
@@ -149,3 +151,108 @@ def test_flex_paths_of_pattern_methods_equal_their_references():
                                     **opts)
             got = az.attention(q, k, v, method=method, causal=causal, key_padding_mask=kpm, impl="flex", **opts)
             torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5, msg=method)
+
+
+# ------------------------------------------------------------------ sizing and edge options
+
+
+def _density(method, n, **opts):
+    """Fraction of (query, key) pairs the reference gives a nonzero weight (noncausal self)."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 4, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    _, w = az.attention(q, k, v, method=method, impl="reference", return_weights=True, **opts)
+    return float((w > 0).double().mean())
+
+
+@pytest.mark.parametrize("method", ["sliding_window", "block_sparse"])
+def test_sized_options_stay_local_at_short_lengths_and_are_the_defaults_at_long_ones(method):
+    """for_length: a query sees roughly a quarter of the keys at task lengths; the library
+    defaults (window 256, blocks of 64) from long lengths on."""
+    spec = az.get(method)
+    for n in (32, 64, 256):
+        assert 0.1 < _density(method, n, **spec.sized_options(n)) < 0.4, n
+    long = spec.sized_options(4096)
+    if method == "sliding_window":
+        assert long == {"window": spec.options["window"]}
+    else:
+        assert long["block_size"] == spec.options["block_size"]
+        assert long["layout"] == block_sparse.FixedLayout(local=1, stride=4)
+    assert spec.sized_options(1) and all(v >= 1 for v in spec.sized_options(1).values() if isinstance(v, int))
+
+
+EDGE_OPTIONS = [  # what the old test_options exercised: sinks; a random layout of small tiles
+    ("sliding_window", {"window": 24, "sinks": 3}),
+    ("block_sparse", {"layout": block_sparse.random_layout(0.5, seed=0), "block_size": 16}),
+]
+
+
+@pytest.mark.parametrize("method,opts", EDGE_OPTIONS, ids=[m for m, _ in EDGE_OPTIONS])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_block_matches_reference_with_sinks_and_random_layouts(method, opts, pattern, case):
+    """The contract's three-way rule (outputs and q/k/v gradients) on its awkward shapes."""
+    contract_check(method, "block", pattern, opts, case)
+
+
+# ------------------------------------------------------------------------------ score_mods
+
+
+def _tilted(score, b, h, q_idx, kv_idx):  # not additive: the block kernel must chain through it
+    return 3.0 * torch.tanh(score / 3.0) - 0.05 * (h + 1) * (q_idx - kv_idx).abs()
+
+
+@pytest.mark.parametrize("method,opts", [("sliding_window", {"window": 9, "sinks": 2}),
+                                         ("block_sparse", {"layout": block_sparse.FixedLayout(1, 3),
+                                                           "block_size": 8})])
+@pytest.mark.parametrize("causal", [True, False])
+def test_score_mods_in_every_path(method, opts, causal):
+    """A caller's score_mod (ALiBi-like bias over a soft cap) is applied by the reference —
+    equal to softmax with the pattern as a mask and the same score_mod — and by ``block``,
+    outputs and gradients."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64)
+    kw = dict(opts, causal=causal, score_mod=_tilted)
+    ref = run(call(method, "reference", causal, None, False, **opts, score_mod=_tilted), q, k, v, dout)
+    fast = run(call(method, "block", causal, None, False, **opts, score_mod=_tilted), q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+        torch.testing.assert_close(a, b, msg=name)
+    _, w = az.attention(q, k, v, method=method, impl="reference", return_weights=True, **{**opts, "causal": causal})
+    expected = az.attention(q, k, v, mask=w > 0, score_mod=_tilted)
+    torch.testing.assert_close(az.attention(q, k, v, method=method, impl="reference", **kw), expected)
+
+
+# ------------------------------------------------------------------- flex block-mask cache
+
+
+@pytest.mark.skipif(not masks.flex_available(), reason="FlexAttention missing from this torch build")
+@pytest.mark.parametrize("method,opts,other,cached", [
+    ("sliding_window", {"window": 16, "sinks": 2}, {"window": 17, "sinks": 2}, True),
+    ("block_sparse", {"layout": block_sparse.FixedLayout(1, 4), "block_size": 16},
+     {"layout": block_sparse.random_layout(0.3, 1), "block_size": 16}, True),
+    ("block_sparse", {"layout": torch.eye(6, dtype=torch.bool), "block_size": 16},
+     {"layout": torch.ones(6, 6, dtype=torch.bool), "block_size": 16}, False),
+])
+def test_flex_block_masks_are_cached_by_the_pattern(monkeypatch, method, opts, other, cached):
+    """The flex paths give FlexAttention their pattern with a ``cache_key``: a second call
+    with the same options reuses the block mask, other options build a new one; a layout
+    given as a tensor (content) is rebuilt per call. (The compiled kernel is stubbed out:
+    only the block masks are under test.)"""
+    from collections import OrderedDict
+
+    from attnzoo.kernels import flex
+
+    monkeypatch.setattr(flex, "_compiled", lambda: (lambda q, k, v, **kw: torch.zeros_like(q)))
+    monkeypatch.setattr(flex, "_BLOCK_MASKS", OrderedDict())
+    q = torch.randn(1, 2, 96, 16)
+    with torch.no_grad():
+        for causal in (True, False):
+            az.attention(q, q, q, method=method, causal=causal, impl="flex", **opts)
+            az.attention(q, q, q, method=method, causal=causal, impl="flex", **opts)
+        assert len(flex._BLOCK_MASKS) == (2 if cached else 0)
+        az.attention(q, q, q, method=method, causal=True, impl="flex", **other)
+        assert len(flex._BLOCK_MASKS) == (3 if cached else 0)
+    mod = masks.sliding_window_sink_mask(16, 2, True, 90, 96)
+    assert mod.cache_key == masks.sliding_window_sink_mask(16, 2, True, 90, 96).cache_key == (
+        "sliding_window", 16, 2, True, 6)

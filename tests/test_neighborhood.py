@@ -355,3 +355,46 @@ def test_recorder_sees_the_reference_n_by_n():
 def test_gather_never_creates_n_by_n(causal):
     n = 4096
     assert _forward_backward(n, "gather", causal) < n * n // 4
+
+
+# ----------------------------------------------------------------- (f) sizing, score_mods, flex
+
+
+def test_sized_options_shrink_the_kernel_at_short_lengths_and_keep_the_default():
+    """for_length: at most a quarter of the keys (kernel N/4 + 1) at short lengths, the
+    default kernel_size=7 from N = 24 on."""
+    spec = az.get("neighborhood")
+    assert spec.sized_options(1000) == spec.sized_options(24) == {"kernel_size": spec.options["kernel_size"]}
+    for n in (1, 8, 16, 23):
+        k = spec.sized_options(n)["kernel_size"]
+        assert 1 <= k <= max(3, n // 4 + 1)
+        q = torch.randn(1, 1, n, 8, dtype=torch.float64)
+        _, w = az.attention(q, q, q, method="neighborhood", impl="reference", return_weights=True, kernel_size=k)
+        assert ((w > 0).sum(-1) == min(k, n)).all()
+
+
+def test_score_mods_are_refused():
+    """``gather`` cannot apply a caller's score_mod, so the spec says so (score_mods=False)."""
+    q = torch.randn(1, 2, 12, 8)
+    assert not az.get("neighborhood").score_mods
+    with pytest.raises(AttentionInputError, match="score_mod"):
+        az.attention(q, q, q, method="neighborhood", kernel_size=3, score_mod=lambda s, b, h, i, j: s)
+
+
+@pytest.mark.skipif(not flex_available(), reason="FlexAttention missing from this torch build")
+def test_flex_block_masks_are_cached_by_the_neighbourhood(monkeypatch):
+    """The flex path's pattern carries a ``cache_key`` (kernel, dilation, grid, causal,
+    length): repeated calls reuse one block mask. (The compiled kernel is stubbed out.)"""
+    from collections import OrderedDict
+
+    from attnzoo.kernels import flex
+
+    monkeypatch.setattr(flex, "_compiled", lambda: (lambda q, k, v, **kw: torch.zeros_like(q)))
+    monkeypatch.setattr(flex, "_BLOCK_MASKS", OrderedDict())
+    q = torch.randn(1, 2, 144, 16)
+    with torch.no_grad():
+        for _ in range(2):
+            az.attention(q, q, q, method="neighborhood", impl="flex", kernel_size=5, grid=(12, 12))
+            az.attention(q, q, q, method="neighborhood", impl="flex", kernel_size=5, dilation=2, causal=True)
+        assert len(flex._BLOCK_MASKS) == 2
+    assert neighborhood_mask(5, grid=(12, 12)).cache_key == ("neighborhood", (5, 5), (1, 1), (12, 12), False, None)

@@ -283,3 +283,140 @@ def test_real_compositional_index_in_the_report(tmp_path):
     assert f"{ci['softmax']:.3f}" in text and f"{ci['routing']:.3f}" in text
     assert "0.900 ‡" in text  # routing's causal-task accuracy is marked
     assert "1.000 ‡" not in text
+
+
+# ------------------------------------------------------------------------------ the data layer and the templates
+
+
+def test_data_layer_derives_each_figure_once(results, fake_ci, monkeypatch):
+    """Every efficiency length, exponent and the CI is computed once, in report_data; the
+    summary table and the charts read the very groups the per-pattern tables read."""
+    from attnzoo.bench import report_data
+
+    calls = {"efflen": [], "exp": 0, "ci": 0}
+    real_efflen, real_exp = report_data._efficiency_length, report_data.scaling_exponent
+
+    def efflen(cells, base, field_):
+        calls["efflen"].append((id(cells), field_))
+        return real_efflen(cells, base, field_)
+
+    def exp(ns, vs):
+        calls["exp"] += 1
+        return real_exp(ns, vs)
+
+    real_ci = fake_ci.compositional_index
+
+    def ci(records):
+        calls["ci"] += 1
+        return real_ci(records)
+
+    monkeypatch.setattr(report_data, "_efficiency_length", efflen)
+    monkeypatch.setattr(report_data, "scaling_exponent", exp)
+    monkeypatch.setattr(fake_ci, "compositional_index", ci)
+    render_report(results)
+    assert len(calls["efflen"]) == len(set(calls["efflen"]))  # never the same series and field twice
+    data = report_data.build_report(load_results(results))
+    groups = [g for sec in data.efficiency.sections for g in sec.groups]
+    compared = [s for g in groups if g.has_baseline for s in g.series if not s.baseline]
+    assert len(calls["efflen"]) == 2 * 2 * len(compared)  # time and memory, in the render and in build_report
+    with_ok = [s for g in groups for s in g.series if s.time_points]
+    assert calls["exp"] == 2 * 2 * len(with_ok)
+    assert calls["ci"] == 2
+    # the summary's groups are the sections' groups (the same objects, not recomputed)
+    assert all(any(g is h for h in groups) for g in data.efficiency.summary.groups)
+    # the numbers themselves
+    g = next(g for g in groups if (g.pattern, g.mode) == ("causal_self", "fwd+bwd"))
+    lin = g.get("linfast")
+    assert lin.eff_time.value == efficiency_length(LENGTHS, [LIN_T[n] for n in LENGTHS], [BASE_T[n] for n in LENGTHS])
+    assert lin.eff_time.lengths == LENGTHS
+    assert lin.case(512).ratio == pytest.approx(LIN_T[512] / BASE_T[512])
+    assert lin.case(512).spread == 0.1 and lin.exp_time == pytest.approx(1.0)
+    assert g.get("torch_sdpa").exp_time == pytest.approx(2.0) and g.get("torch_sdpa").eff_time is None
+    hungry = g.get("hungry")
+    assert hungry.case(512).median_ms == pytest.approx(7.5) and hungry.first_failure.status == "oom"
+    tasks = data.tasks
+    assert [c.header for c in tasks.columns] == ["classify", "copy", "mqar (avg)"]
+    soft = next(r for r in tasks.rows if r.method == "softmax")
+    assert [round(c.value, 3) for c in soft.cells] == [0.888, 0.931, 0.84] and soft.ci == 0.8123
+    assert next(r for r in tasks.rows if r.method == "hungry").cells[1].state == "failed"
+    dec = {r.method: r for r in data.decode.rows}
+    assert dec["softmax"].growth == pytest.approx(16.0) and dec["linfast"].growth == pytest.approx(1.0)
+    h = data.header
+    assert h.commits == ["aaaa1111", "bbbb2222"] and len(h.skipped) == 2 and h.duplicates == 1
+    assert data.checks.total == 2 and [c.method for c in data.checks.failed] == ["brokenmeth"]
+
+
+def test_templates_render_the_data_not_the_records(results, fake_ci):
+    """The Markdown shows what the data says: change a number in the data, the report follows."""
+    from attnzoo.bench.report import render_markdown
+    from attnzoo.bench.report_data import EffLength, build_report
+
+    data = build_report(load_results(results))
+    g = data.efficiency.summary.groups[0]
+    g.get("linfast").eff_time = EffLength(777.0, LENGTHS)
+    data.tasks.rows[0].ci = 0.31415
+    text, tables = render_markdown(data)
+    assert "777" in _summary_row(text, "linfast")
+    assert "0.314" in text
+    assert text.count("\n| ") >= sum(len(t.rows) + 1 for t in tables)  # every recorded table is in the text
+    assert "\n\n\n" not in text and text.endswith("</details>\n")
+
+
+def test_html_is_made_from_the_markdown_with_heading_ids_and_no_external_resource(results, fake_ci):
+    import re
+
+    paths = render_report(results)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    # every heading has an id (toc), GitHub's anchors: the Markdown's contents links resolve in the page
+    headings = re.findall(r"<h([1-6])([^>]*)>", page)
+    assert headings and all('id="' in attrs for _, attrs in headings)
+    ids = set(re.findall(r'<h[1-6] id="([^"]+)"', page))
+    assert {"efficiency", "efficiency-length-summary-float32-fwdbwd", "float32--fwdbwd", "tasks",
+            "mqar-by-sequence-length-and-key-value-pairs", "decoding", "configuration"} <= ids
+    links = re.findall(r"\]\(#([^)]+)\)", md)
+    assert links and set(links) <= ids
+    assert set(re.findall(r'href="#([^"]+)"', page)) == set(links)
+    # self-contained: no resource outside the page
+    assert not re.findall(r'(?:src|href)="(?!data:image/png;base64,|#)', page)
+    for bad in ("<link", "<script", "<iframe", "url(", "@import", "http:", "https:", "//fonts"):
+        assert bad not in page, bad
+    # the markdown library made it: tables, inline code, the warning quote, figures, the fenced config
+    assert '<th style="text-align: right;">' in page and "<code>torch_sdpa</code>" in page
+    assert "<blockquote>" in page and "different git commits" in page
+    assert page.count("<figure>") == len(paths["plots"]) == page.count("<figcaption>")
+    assert "<details><summary>config of run" in page and "<pre><code>{" in page
+    # the cells keep their classes: failures red, faster than SDPA green, not run muted
+    cells = [(re.search(r'class="(\w+)"', attrs).group(1), text)
+             for attrs, text in re.findall(r"<td ([^>]*class=[^>]*)>([^<]*)</td>", page)]
+    assert {"bad", "good", "muted", "base"} <= {c for c, _ in cells}
+    assert {t for c, t in cells if c == "bad"} == {"OOM", "FAILED CHECK", "failed", "oom"}
+    assert {t for c, t in cells if c == "muted"} == {"—", "n/a", "chance", "", "0.100", "0.500"}
+    assert {t for c, t in cells if c == "base"} == {"torch_sdpa (baseline)"}
+    linfast_ratio = f"{LIN_T[2048] / BASE_T[2048]:.2f}"
+    assert ("good", linfast_ratio) in cells and ("good", "≤ 256") in cells
+
+
+def test_templates_are_package_data():
+    import importlib.resources
+    import tomllib
+    from pathlib import Path
+
+    templates = importlib.resources.files("attnzoo.bench") / "templates"
+    assert (templates / "report.md.j2").is_file() and (templates / "report.html.j2").is_file()
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "templates/*.j2" in pyproject["tool"]["setuptools"]["package-data"]["attnzoo.bench"]
+    extras = pyproject["project"]["optional-dependencies"]
+    for lib in ("jinja2", "markdown", "matplotlib"):
+        assert any(d.startswith(lib) for d in extras["bench"]) and any(d.startswith(lib) for d in extras["dev"])
+
+
+def test_rendering_libraries_are_imported_lazily_with_a_clear_error(results, monkeypatch):
+    import subprocess
+
+    code = ("import sys, attnzoo.bench.report, attnzoo.bench.report_plots, attnzoo.bench.report_data\n"
+            "print(sorted(m for m in ('matplotlib', 'jinja2', 'markdown') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(ImportError, match=r"jinja2 and markdown: pip install 'attnzoo\[bench\]'"):
+        render_report(results)

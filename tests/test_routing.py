@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo import stats
-from attnzoo.methods import bilevel_routing, routing
+from attnzoo.methods.sparse import bilevel_routing, routing
 
 from helpers import LargestTensor
 
@@ -428,3 +428,154 @@ def test_routing_takes_a_mask_mod_at_the_gathered_pairs():
     ref = az.attention(q, k, v, method="routing", mask=mod, causal=True, num_clusters=4, impl="reference")
     fast = az.attention(q, k, v, method="routing", mask=mod, causal=True, num_clusters=4, impl="cluster")
     torch.testing.assert_close(fast, ref)
+
+
+# ================================================= the references are independent programs
+
+
+from helpers import CASES, contract_check  # noqa: E402, F401
+
+
+def _sized(method, case, pattern):
+    return az.get(method).sized_options(max(case.lengths(pattern)))
+
+
+@pytest.mark.parametrize("pattern", ["noncausal_self", "causal_cross"])
+def test_routing_contract_catches_a_wrong_cluster_in_the_fast_form(monkeypatch, pattern):
+    """Swap one key of one cluster in the fast form's selection: the contract comparison
+    (whose reference forms its clusters by another program) must fail."""
+    options = _sized("routing", CASES[2], pattern)
+    contract_check("routing", "cluster", pattern, options)  # as shipped: passes
+    real_route = routing.route
+
+    def wrong_route(q, k, **kw):
+        q_idx, k_idx = real_route(q, k, **kw)
+        k_idx = k_idx.clone()
+        outsider = min(set(range(k.shape[2])) - set(k_idx[0, 0, 0].tolist()))
+        k_idx[0, 0, 0, -1] = outsider  # the cluster's last key (its latest position) replaced
+        return q_idx, k_idx
+
+    monkeypatch.setattr(routing, "route", wrong_route)
+    with pytest.raises(AssertionError, match=r"err\(fast\)"):
+        contract_check("routing", "cluster", pattern, options)
+
+
+def test_routing_contract_catches_a_wrong_cluster_in_the_reference(monkeypatch):
+    """And the other way: the reference's own search (by value) is what it compares against."""
+    options = _sized("routing", CASES[2], "noncausal_self")
+    real = routing.top_by_threshold
+    monkeypatch.setattr(routing, "top_by_threshold", lambda s, k, eligible=None: real(-s, k, eligible))
+    with pytest.raises(AssertionError, match=r"err\(fast\)"):
+        contract_check("routing", "cluster", "noncausal_self", options)
+
+
+@pytest.mark.parametrize("pattern", ["noncausal_self", "causal_self"])
+def test_bilevel_contract_catches_a_wrong_region_in_the_fast_form(monkeypatch, pattern):
+    options = _sized("bilevel_routing", CASES[2], pattern)
+    contract_check("bilevel_routing", "block", pattern, options)  # as shipped: passes
+    real_route = bilevel_routing.route
+
+    def wrong_route(q, k, **kw):
+        idx, valid = real_route(q, k, **kw)
+        idx = idx.clone()
+        i = idx.shape[2] - 1  # the last query region: under causality every key region is eligible
+        others = sorted(set(range(-(-k.shape[2] // kw["R"]))) - set(idx[0, 0, i].tolist()))
+        idx[0, 0, i, 0] = others[0]  # its best region replaced by one it did not choose
+        return idx, valid
+
+    monkeypatch.setattr(bilevel_routing, "route", wrong_route)
+    with pytest.raises(AssertionError, match=r"err\(fast\)"):
+        contract_check("bilevel_routing", "block", pattern, options)
+
+
+def test_bilevel_contract_catches_a_wrong_region_in_the_reference(monkeypatch):
+    options = _sized("bilevel_routing", CASES[2], "noncausal_self")
+    real = bilevel_routing.rank_by_count
+    monkeypatch.setattr(bilevel_routing, "rank_by_count", lambda s, eligible=None: real(-s, eligible))
+    with pytest.raises(AssertionError, match=r"err\(fast\)"):
+        contract_check("bilevel_routing", "block", "noncausal_self", options)
+
+
+def test_routing_ties_agree_between_reference_and_fast():
+    """Tokens drawn from five vectors: every cluster's affinities are full of exact ties,
+    which both programs give to the earlier token (outputs and gradients, float64)."""
+    g = torch.Generator().manual_seed(11)
+    atoms = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    pick = lambda n: atoms[torch.randint(0, 5, (2, 2, n), generator=g)]  # noqa: E731
+    q, k, v = pick(40), pick(33), torch.randn(2, 2, 33, 6, generator=g, dtype=torch.float64)
+    for causal in (False, True):
+        opts = dict(method="routing", num_clusters=4, causal=causal)
+        fast = grads(lambda a, b, c: az.attention(a, b, c, impl="cluster", **opts), q, k, v)
+        ref = grads(lambda a, b, c: az.attention(a, b, c, impl="reference", **opts), q, k, v)
+        for f, r in zip(fast, ref):
+            torch.testing.assert_close(f, r, atol=1e-10, rtol=1e-10)
+    mu = routing.init_centroids(2, 4, 8)
+    q_idx, k_idx = routing.route(q, k, centroids=mu)
+    assert torch.equal(q_idx, brute_members(q, mu, 10)) and torch.equal(k_idx, brute_members(k, mu, 9))
+
+
+def test_bilevel_ties_agree_between_reference_and_fast():
+    """Key regions that repeat one pattern: all region affinities of a row tie exactly,
+    and both programs keep the lowest-index regions."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 2, 48, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 8, 8, generator=g, dtype=torch.float64).repeat(1, 1, 6, 1)  # 6 equal regions of 8
+    v = torch.randn(1, 2, 48, 5, generator=g, dtype=torch.float64)
+    for causal in (False, True):
+        opts = dict(method="bilevel_routing", region_size=8, topk=2, causal=causal)
+        fast = grads(lambda a, b, c: az.attention(a, b, c, impl="block", **opts), q, k, v)
+        ref = grads(lambda a, b, c: az.attention(a, b, c, impl="reference", **opts), q, k, v)
+        for f, r in zip(fast, ref):
+            torch.testing.assert_close(f, r, atol=1e-10, rtol=1e-10)
+        idx, valid = bilevel_routing.route(q, k, causal=causal, key_padding_mask=None, R=8, perm=None, topk=2)
+        if not causal:
+            assert torch.equal(idx, torch.tensor([0, 1]).expand(1, 2, 6, 2))
+
+
+@pytest.mark.parametrize("method,options", [("routing", {"num_clusters": None}),
+                                            ("bilevel_routing", {"region_size": 16, "topk": 2})])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_other_sizes_agree(method, options, case):
+    """Fast vs reference at sizes the sizing hook does not give at these lengths: routing's
+    default √N clusters, and the regions the contract used before the hook (16, topk 2)."""
+    impl = az.get(method).impls[0].name
+    for pattern in ("causal_self", "noncausal_cross"):
+        contract_check(method, impl, pattern, options, case=case, dtype=torch.bfloat16)
+
+
+def test_the_top_k_programs_agree_on_ties():
+    """The fast forms' stable sort and the references' counted rank and threshold pick the
+    same entries, ties to the lower index, eligibility respected (tie-heavy integer scores)."""
+    from attnzoo.kernels.routing_select import rank_by_count, top_by_sort, top_by_threshold
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = int(torch.randint(1, 30, (), generator=g))
+        s = torch.randint(0, 4, (3, n), generator=g).float()
+        eligible = torch.rand(3, n, generator=g) > 0.3
+        k = int(torch.randint(1, n + 2, (), generator=g))
+        by_threshold = top_by_threshold(s, k, eligible)
+        by_count = eligible & (rank_by_count(s, eligible) < k)
+        by_sort = torch.zeros_like(eligible).scatter_(
+            -1, top_by_sort(s.masked_fill(~eligible, float("-inf")), min(k, n)), True) & eligible
+        assert torch.equal(by_threshold, by_count) and torch.equal(by_threshold, by_sort), (s, eligible, k)
+        assert torch.equal(top_by_threshold(s, k), rank_by_count(s) < k)
+
+
+@pytest.mark.parametrize("method,impl", [("routing", "cluster"), ("bilevel_routing", "block")])
+def test_reference_and_fast_select_alike_over_many_draws(method, impl):
+    """float32 and bfloat16 inputs over many random draws (causal, cross, padding): the two
+    selection programs never disagree (a disagreement moves outputs by ~0.1, rounding by ~1e-6)."""
+    for seed in range(10):
+        g = torch.Generator().manual_seed(100 + seed)
+        nq, nk = (150, 150) if seed % 2 else (97, 203)
+        q, k, v = (torch.randn(2, 4, n, 16, generator=g) for n in (nq, nk, nk))
+        k, v = k[:, :2], v[:, :2]
+        kpm = torch.rand(2, nk, generator=g) > 0.2
+        for dtype in (torch.float32, torch.bfloat16):
+            opts = dict(method=method, causal=bool(seed % 3), key_padding_mask=kpm, **az.get(method).sized_options(nk))
+            a, b, c = (t.to(dtype) for t in (q, k, v))
+            fast = az.attention(a, b, c, impl=impl, **opts).float()
+            ref = az.attention(a, b, c, impl="reference", **opts).float()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(fast, ref, atol=tol, rtol=tol)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo import stats
-from attnzoo.methods import recycled, seer
+from attnzoo.methods.sparse import recycled, seer
 
 from helpers import LargestTensor
 
@@ -328,7 +328,7 @@ def _dec_inputs(B=2, Hq=4, Hkv=2, N=60, D=8, Dv=6, seed=0):
 
 def test_recycled_forward_is_exact_softmax_and_spec_claims_no_generic_decoding():
     spec = az.get("recycled")
-    assert not spec.decoding and spec.init_state is None
+    assert not spec.decoding and spec.decoder is None  # its decoding is RecycledDecoder, tested below
     for causal in (True, False):
         q, k, v = _dec_inputs(N=50)
         q = q[:, :, :30]
@@ -456,3 +456,102 @@ def test_mask_mods_reach_the_fast_path_undensified_and_agree(method, opts, impl)
     with probe, torch.no_grad():
         az.attention(qq, kk, vv, method=method, causal=True, mask=mod, impl=impl, block_size=64, topk=4)
     assert probe.largest < N * N // 4
+
+
+# ================================================= the reference is an independent program
+
+
+from helpers import CASES, contract_check  # noqa: E402, F401
+
+
+@pytest.mark.parametrize("pattern", ["noncausal_self", "causal_self"])
+def test_seer_contract_catches_a_wrong_block_in_the_fast_form(monkeypatch, pattern):
+    """Swap one kept block of one query block in the fast form's selection: the contract
+    comparison (whose reference runs the gate per block, by another program) must fail."""
+    options = az.get("seer").sized_options(100)
+    contract_check("seer", "block", pattern, options)  # as shipped: passes
+    real_select = seer.select_blocks
+
+    def wrong_select(q, k, **kw):
+        layout = real_select(q, k, **kw).clone()
+        row = layout[0, 0, -1]  # the last query block: under causality every key block is visible
+        kept, dropped = row.nonzero().flatten().tolist(), (~row).nonzero().flatten().tolist()
+        row[kept[0]], row[dropped[0]] = False, True
+        return layout
+
+    monkeypatch.setattr(seer, "select_blocks", wrong_select)
+    with pytest.raises(AssertionError, match=r"err\(fast\)"):
+        contract_check("seer", "block", pattern, options)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.15])
+def test_seer_contract_catches_a_wrong_block_in_the_reference(monkeypatch, threshold):
+    """And the other way: the reference's own top-k (or threshold) is what it compares against."""
+    options = {**az.get("seer").sized_options(100), "threshold": threshold}
+    contract_check("seer", "block", "noncausal_self", options)
+    if threshold is None:
+        real = seer.rank_by_count
+        monkeypatch.setattr(seer, "rank_by_count", lambda s, eligible=None: real(-s, eligible))
+    else:
+        real = seer._gate_probabilities
+        monkeypatch.setattr(seer, "_gate_probabilities", lambda s, visible: real(-s, visible))
+    with pytest.raises(AssertionError, match=r"err\(fast\)"):
+        contract_check("seer", "block", "noncausal_self", options)
+
+
+def test_seer_ties_agree_between_reference_and_fast():
+    """Key blocks that repeat one pattern: every gate score of a row ties exactly, and both
+    programs keep the diagonal and then the lowest-index blocks (float64, with grads)."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 2, 48, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64).repeat(1, 1, 6, 1)  # 6 equal blocks of 8
+    v = torch.randn(2, 1, 48, 5, generator=g, dtype=torch.float64)
+    dout = torch.randn(2, 2, 48, 5, generator=g, dtype=torch.float64)
+    for causal in (False, True):
+        for threshold in (None, 0.1):
+            res = []
+            for impl in ("reference", "block"):
+                a, b, c = (t.clone().requires_grad_(True) for t in (q, k, v))
+                out = az.attention(a, b, c, method="seer", impl=impl, causal=causal, block_size=8, topk=3,
+                                   threshold=threshold)
+                res.append((out, *torch.autograd.grad(out, (a, b, c), dout)))
+            for x, y in zip(*res):
+                torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-10)
+    lay = seer.select_blocks(q, k, block_size=8, topk=3)
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    for i in range(6):
+        expected[i, [i] + [j for j in range(6) if j != i][:2]] = True
+    assert torch.equal(lay[0, 0], expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("options", [{"block_size": 16, "topk": 3}, {"block_size": 16, "threshold": 0.05}],
+                         ids=["topk", "threshold"])
+def test_seer_other_sizes_agree(case, options):
+    """Fast vs reference at the blocks the contract used before the sizing hook (16, topk 3)
+    and in threshold mode, which the contract does not exercise."""
+    for pattern in ("causal_self", "noncausal_cross"):
+        contract_check("seer", "block", pattern, options, case=case, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.08])
+def test_seer_reference_and_fast_select_alike_over_many_draws(threshold):
+    """float32 and bfloat16 inputs over many random draws (causal, cross, padding, gate
+    weights): the two selection programs never disagree."""
+    for seed in range(10):
+        g = torch.Generator().manual_seed(200 + seed)
+        nq, nk = (150, 150) if seed % 2 else (97, 203)
+        q, k, v = (torch.randn(2, 4, n, 16, generator=g) for n in (nq, nk, nk))
+        k, v = k[:, :2], v[:, :2]
+        kpm = torch.rand(2, nk, generator=g) > 0.2
+        gates = {}
+        if seed % 4 == 0:
+            gates = {"gate_q": torch.randn(4, 16, 8, generator=g), "gate_k": torch.randn(4, 48, 8, generator=g)}
+        for dtype in (torch.float32, torch.bfloat16):
+            opts = dict(method="seer", causal=bool(seed % 3), key_padding_mask=kpm, threshold=threshold, **gates,
+                        **az.get("seer").sized_options(nk))
+            a, b, c = (t.to(dtype) for t in (q, k, v))
+            fast = az.attention(a, b, c, impl="block", **opts).float()
+            ref = az.attention(a, b, c, impl="reference", **opts).float()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(fast, ref, atol=tol, rtol=tol)

@@ -103,7 +103,7 @@ def test_alibi_matches_explicit_bias(impl):
 
 
 def test_alibi_slopes_for_non_power_of_two_heads():
-    from attnzoo.methods._common import alibi_slopes
+    from attnzoo.kernels.score_mods import alibi_slopes
 
     s8 = alibi_slopes(8)
     torch.testing.assert_close(s8, torch.tensor([2.0 ** (-i) for i in range(1, 9)]))
@@ -124,10 +124,9 @@ def test_sdpa_refuses_softcap_and_auto_picks_tiled():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(az.UnsupportedImpl, match="soft-capping.*tiled"):
         az.attention(q, q, q, softcap=5.0, impl="sdpa")
-    from attnzoo.api import check_inputs, select_impl
-
-    call = check_inputs(az.get("softmax"), q, q, q, causal=False, options={"softcap": 5.0})
-    assert select_impl(az.get("softmax"), "auto", call).name == "tiled"
+    spec = az.get("softmax")
+    call = spec.check(q, q, q, causal=False, softcap=5.0)
+    assert spec.select("auto", call).name == "tiled"
 
 
 def test_dropout_is_unbiased_and_off_at_zero():
@@ -196,7 +195,7 @@ def test_tiled_softcap_gradients_match_reference(causal, padded):
 
     for a, b in zip(grads("tiled"), grads("reference")):
         torch.testing.assert_close(a, b)
-    with pytest.raises(az.AttentionInputError, match="softcap must be a positive number"):
+    with pytest.raises(az.AttentionInputError, match="softcap must be a positive finite number"):
         az.attention(q, k, v, softcap=0.0)
 
 

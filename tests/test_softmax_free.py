@@ -21,7 +21,7 @@ from attnzoo import decoding
 
 from helpers import LargestTensor
 
-soft = importlib.import_module("attnzoo.methods.softmax_free")
+soft = importlib.import_module("attnzoo.methods.linear.softmax_free")
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
@@ -190,10 +190,19 @@ def test_bad_options_raise():
     q = rand(1, 1, 5, 4)
     with pytest.raises(az.AttentionInputError, match="num_landmarks must be an int >= 1, got 0"):
         az.attention(q, q, q, method="softmax_free", num_landmarks=0)
-    with pytest.raises(az.AttentionInputError, match="newton_iters must be an int >= 0, got 2.5"):
+    with pytest.raises(az.AttentionInputError, match="newton_iters must be an int >= 0, got -1"):
+        az.attention(q, q, q, method="softmax_free", newton_iters=-1)
+    with pytest.raises(az.AttentionInputError, match="newton_iters=2.5 must be an int"):  # the options' type check
         az.attention(q, q, q, method="softmax_free", newton_iters=2.5)
-    with pytest.raises(az.AttentionInputError, match="does not take a dense mask"):
+    with pytest.raises(az.AttentionInputError, match="does not take a mask"):
         az.attention(q, q, q, method="softmax_free", mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+def test_sizing_hook_keeps_landmarks_a_quarter_of_short_sequences():
+    spec = az.get("softmax_free")
+    assert spec.sized_options(1) == {"num_landmarks": 2}
+    assert spec.sized_options(100) == {"num_landmarks": 25}
+    assert spec.sized_options(128) == spec.sized_options(4096) == {"num_landmarks": spec.options["num_landmarks"]}
 
 
 def test_nystrom_never_allocates_n_by_n():

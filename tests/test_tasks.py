@@ -10,7 +10,8 @@ import torch
 from attnzoo import registry
 from attnzoo.bench.tasks import cab
 from attnzoo.bench.tasks.cab import IGNORE, TASKS
-from attnzoo.bench.tasks.model import TASK_OPTIONS, FixedLayout, task_options
+from attnzoo.bench.tasks.model import task_options
+from attnzoo.methods.sparse.block_sparse import FixedLayout
 from attnzoo.bench.tasks.suite import (
     TaskCase,
     build_task_cases,
@@ -121,12 +122,19 @@ def test_task_specs():
 
 
 def test_task_options_are_valid_for_every_method():
-    for name, f in TASK_OPTIONS.items():
-        spec = registry.get(name)
+    """Every method's sizing hook gives options it takes (its module's constructor takes
+    them, for learnable methods), and the models build with them."""
+    for spec in registry.list_methods():
         for n in (32, 256):
-            opts = f(n)
-            assert set(opts) <= set(spec.options), (name, opts)
+            opts = task_options(spec.name, n)
+            if spec.module is None:
+                spec.resolve_options(opts)  # valid option names and values
+                assert set(opts) <= set(spec.options), (spec.name, opts)
+            else:
+                assert set(opts) <= set(spec.split_module_options(opts)[0]), (spec.name, opts)
     assert task_options("softmax", 32) == {}
+    local = task_options("sliding_window", 32)
+    assert local["window"] == 8, "a short task must make a window method really local"
     lay = FixedLayout(1, 4)(2, 8, 8)
     assert lay.shape == (1, 8, 8) and lay[0].diagonal().all() and lay[0, :, 3].all() and not lay[0, 0, 2]
 

@@ -41,10 +41,10 @@ def quick_check(method: str, impl: str, pattern: str, options: tuple = ()) -> di
     Returns ``{"status": "ok"|"failed", "impl_used", "out_error", "grad_error",
     "tolerance", "message"}``: errors are max |fast - fp64 reference| (outputs, and the
     largest over gradients); tolerance the bound the rule allowed for the output.
-    ``options`` are the method's options as ``(name, value)`` pairs; the spec's
-    ``test_options`` (sized for small inputs) fill in the ones not given.
+    ``options`` are the method's options as ``(name, value)`` pairs; the spec's sized
+    options for the check's length fill in the ones not given.
     """
-    from ..api import attention, check_inputs, select_impl
+    from ..api import attention
 
     spec = registry.get(method)
     causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
@@ -56,13 +56,14 @@ def quick_check(method: str, impl: str, pattern: str, options: tuple = ()) -> di
                     dtype=torch.float64)
     k = torch.randn(s["batch"], s["heads"], nk, s["head_dim"], generator=g, dtype=torch.float64)
     v = torch.randn(s["batch"], s["heads"], nk, s["head_dim"], generator=g, dtype=torch.float64)
-    if spec.module is not None:  # test_options are the functional form's (e.g. agent's dwc_weight): not here
-        module, options = _build_module(spec, dict(options), s["heads"], s["head_dim"], g)
+    sized = spec.sized_options(max(nq, nk))
+    if spec.module is not None:
+        module, options = _build_module(spec, {**spec.split_module_options(sized)[0], **dict(options)}, s["heads"],
+                                        s["head_dim"], g)
         module64 = copy.deepcopy(module).double()
         # the impl the module's call resolves to (its options are tensors it makes itself)
-        info = check_inputs(spec, q.float().requires_grad_(True), k.float(), v.float(), causal=causal, cross=cross,
-                            options={})
-        used = select_impl(spec, impl, info).name if spec.impls else impl
+        info = spec.check(q.float().requires_grad_(True), k.float(), v.float(), causal=causal, cross=cross)
+        used = spec.select(impl, info).name if spec.impls else impl
 
         def run(which, dtype):
             mod = module64 if dtype == torch.float64 else module
@@ -72,10 +73,9 @@ def quick_check(method: str, impl: str, pattern: str, options: tuple = ()) -> di
             grads = torch.autograd.grad(out, (a, b, c, *params), dout.to(out.dtype), allow_unused=True)
             return [out.detach()] + [torch.zeros(()) if gr is None else gr for gr in grads]
     else:
-        options = {**spec.test_options, **dict(options)}
-        info = check_inputs(spec, q.float().requires_grad_(True), k.float(), v.float(), causal=causal, cross=cross,
-                            options=options)
-        used = select_impl(spec, impl, info).name
+        options = {**sized, **dict(options)}
+        info = spec.check(q.float().requires_grad_(True), k.float(), v.float(), causal=causal, cross=cross, **options)
+        used = spec.select(impl, info).name
 
         def run(which, dtype):
             a, b, c = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
@@ -146,13 +146,13 @@ def causal_leak_at(method: str, pattern: str = "causal_self", impl: str = "refer
     input after ``split`` is redrawn (queries after it, and keys/values after its
     aligned position): 0 for a strictly causal method. float64, random inputs (and
     random parameters for methods with parameters); ``options`` fill in over the
-    spec's ``test_options``, with small blocks (``block_size=8, topk=2`` where the
+    spec's sized options for ``seq_len``, with small blocks (``block_size=8, topk=2`` where the
     method has them) so that a block selection really chooses among many blocks."""
     from ..api import attention
 
     spec = registry.get(method)
-    small = {n: v for n, v in (("block_size", 8), ("topk", 2)) if n in registry.method_options(spec.reference)
-             and small_blocks}
+    takes = spec.impl_options(spec.get_impl(impl)) if impl in spec.impl_names else spec.options  # impl-only ones
+    small = {n: v for n, v in (("block_size", 8), ("topk", 2)) if n in takes and small_blocks}
     options = tuple({**small, **dict(options)}.items())
     if not pattern.startswith("causal") or pattern not in spec.patterns:
         raise ValueError(f"{method} has no {pattern} form to probe")
@@ -170,13 +170,14 @@ def causal_leak_at(method: str, pattern: str = "causal_self", impl: str = "refer
         q2[:, :, split + 1:] = torch.randn(q2[:, :, split + 1:].shape, generator=g, dtype=torch.float64)
     for t in (k2, v2):
         t[:, :, split + 1 + off:] = torch.randn(t[:, :, split + 1 + off:].shape, generator=g, dtype=torch.float64)
+    sized = spec.sized_options(seq_len)
     if spec.module is not None:
-        module, opts = _build_module(spec, dict(options), H, D, g, torch.float64)
+        module, opts = _build_module(spec, {**spec.split_module_options(sized)[0], **dict(options)}, H, D, g, torch.float64)
 
         def run(a, b, c):
             return module(a, b, c, causal=True, cross=cross, impl=impl, **opts)
     else:
-        opts = {**spec.test_options, **dict(options)}
+        opts = {**sized, **dict(options)}
 
         def run(a, b, c):
             return attention(a, b, c, method=method, causal=True, cross=cross, impl=impl, **opts)

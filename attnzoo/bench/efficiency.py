@@ -136,12 +136,9 @@ def make_inputs(case: BenchCase, requires_grad: bool):
 
 
 def split_module_options(spec, options: dict) -> tuple[dict, dict]:
-    """``(constructor options, call options)`` of a method with a module: the options its
-    constructor takes (e.g. routing's ``num_clusters``) build it, the rest go to the call."""
-    import inspect
-
-    ctor = set(inspect.signature(spec.module.__init__).parameters) - {"self", "heads", "kv_heads", "head_dim"}
-    return ({n: v for n, v in options.items() if n in ctor}, {n: v for n, v in options.items() if n not in ctor})
+    """``(constructor options, call options)`` of a method with a module (see
+    :meth:`attnzoo.registry.MethodSpec.split_module_options`)."""
+    return spec.split_module_options(options)
 
 
 def lower_right_causal(Nq: int, Nk: int, device=None) -> torch.Tensor:
@@ -199,7 +196,7 @@ def _runner(case: BenchCase):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
         return call, "sdpa"
-    from ..api import attention, check_inputs, select_impl
+    from ..api import attention
 
     spec = registry.get(case.method)
     options = dict(case.options)
@@ -218,8 +215,8 @@ def _runner(case: BenchCase):
     if module is not None:
         return call, case.impl
     q, k, v = make_inputs(BenchCase(**{**asdict(case), "seq_len": 2}), False)
-    info = check_inputs(spec, q, k, v, causal=causal, cross=cross, options=options)
-    return call, select_impl(spec, case.impl, info).name
+    info = spec.check(q, k, v, causal=causal, cross=cross, **options)
+    return call, spec.select(case.impl, info).name
 
 
 def measure(case: BenchCase) -> dict:
@@ -312,7 +309,7 @@ def build_cases(methods: list, lengths: Iterable[int], modes: Iterable[str], pat
                 for name, impl in pairs:
                     if name != BASELINE and pattern not in registry.get(name).patterns:
                         continue
-                    opts = {} if name == BASELINE else dict(registry.get(name).bench_options)
+                    opts = {} if name == BASELINE else registry.get(name).sized_options(int(n), module=True)
                     opts.update(dict(options_for(name)))
                     cases.append(BenchCase(name, impl, int(n), mode, pattern=pattern, dtype=dtype,
                                            options=tuple(opts.items()), **common))

@@ -112,7 +112,7 @@ def resolve_methods(methods) -> list[tuple[str, str]]:
     otherwise the listed ``method`` / ``method:impl`` names (validated)."""
     items = _as_list(methods)
     if items == ["all"]:
-        items = ["softmax:sdpa", "softmax:tiled"] + [s.name for s in registry.methods() if s.name != "softmax"]
+        items = ["softmax:sdpa", "softmax:tiled"] + [s.name for s in registry.list_methods() if s.name != "softmax"]
     return eff.parse_methods(",".join(items))
 
 

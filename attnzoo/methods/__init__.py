@@ -1,24 +1,28 @@
-"""Built-in attention methods: importing this package registers them all."""
+"""The built-in attention methods, one file each, in family folders:
+``attnzoo/methods/<family>/<name>.py`` (``softmax``, ``linear``, ``local``, ``sparse``,
+...). Importing this package imports every method file it finds, which registers it:
+adding a method is adding its file. Files and folders whose name starts with ``_``
+are skipped (helpers private to a family).
 
-from . import softmax  # noqa: F401  (first: other methods build on it)
-from . import clipped_softmax, selective, sigmoid  # noqa: F401
-from . import linear  # noqa: F401
-from . import lightning  # noqa: F401
-from . import hedgehog  # noqa: F401
-from . import aaren  # noqa: F401
-from . import inline  # noqa: F401
-from . import softmax_free  # noqa: F401
-from . import flow  # noqa: F401
-from . import agent  # noqa: F401
-from . import sliding_window  # noqa: F401
-from . import block_sparse  # noqa: F401
-from . import neighborhood  # noqa: F401
-from . import dilated  # noqa: F401
-from . import moa  # noqa: F401
-from . import combiner  # noqa: F401
-from . import landmark  # noqa: F401
-from . import hip  # noqa: F401
-from . import routing  # noqa: F401
-from . import bilevel_routing  # noqa: F401
-from . import seer  # noqa: F401
-from . import recycled  # noqa: F401
+Each method file's docstring is the method's documentation (maths, paper, complexity):
+``import attnzoo.methods.linear.linear`` and ``help(...)`` it, or ``attnzoo info NAME``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+
+def _discover() -> list:
+    names = []
+    for info in pkgutil.walk_packages(__path__, __name__ + "."):
+        if any(part.startswith("_") for part in info.name[len(__name__) + 1:].split(".")):
+            continue
+        names.append(info.name)
+        if not info.ispkg:
+            importlib.import_module(info.name)
+    return names
+
+
+MODULES = _discover()

@@ -28,94 +28,38 @@ Judgement calls:
   (``rotary=True``; applied to q and k before the method, so every method sees them):
   with absolute positions alone softmax did not learn ``copy`` (accuracy 0.30 after 200
   steps, against 1.00 with rotary) nor MQAR in the quick budget.
-* [J] :data:`TASK_IMPLS`: the models train with each method's reference implementation
-  (softmax: SDPA; SOFT: its Nyström form), the fastest at these lengths; the accuracy
-  does not depend on it (every implementation is tested equal to the reference).
-* [J] :data:`TASK_OPTIONS` sets each configurable method's sparsity for the task's
-  length: windows, blocks, clusters, landmarks and agents sized so a query sees roughly
-  a quarter of the keys (block and region sizes ``N/8`` with ``topk=2``; windows
-  ``N/4``), so a local or sparse method is really local or sparse at these short
-  lengths, as it would be at the lengths it is meant for, and it shows in accuracy.
-  The library's defaults (blocks and windows of 64 and more) would make most of them
-  dense at the task lengths.
+* [J] The models train with each method's ``short_impl`` (its spec's implementation
+  that is fastest at tens to hundreds of tokens: the reference for most, SDPA for
+  softmax); the accuracy does not depend on it (every implementation is tested equal
+  to the reference).
+* [J] Each method runs with the options its own sizing hook gives for the task's
+  length (``spec.sized_options(N)``, :meth:`attnzoo.registry.MethodOptions.for_length`):
+  windows, blocks, clusters, landmarks and agents shrink at short lengths so that a
+  query sees roughly a quarter of the keys, so a local or sparse method is really local
+  or sparse at these short lengths, as it would be at the lengths it is meant for, and
+  it shows in accuracy. The library's defaults (blocks and windows of 64 and more)
+  would make most of them dense at the task lengths.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ... import registry
 from ...layers import Attention
 
 
-@dataclass(frozen=True)
-class FixedLayout:
-    """A Sparse-Transformer "fixed" block layout ("Generating Long Sequences with Sparse
-    Transformers", Child et al., 2019) at tile level: query tile ``i`` keeps key tile
-    ``j`` iff ``|i - j| < local`` (its own and neighbouring tiles) or ``j % stride ==
-    stride - 1`` (the summary tiles, one per ``stride`` tiles, seen by every query).
-    A picklable ``(heads, nqb, nkb) -> bool`` layout function for ``block_sparse``."""
-
-    local: int = 1
-    stride: int = 4
-
-    def __call__(self, heads: int, nqb: int, nkb: int) -> torch.Tensor:
-        i = torch.arange(nqb)[:, None]
-        j = torch.arange(nkb)[None, :]
-        lay = ((i - j).abs() < self.local) | (j % self.stride == self.stride - 1)
-        return lay.unsqueeze(0)
-
-
-def _frac(n: int, div: int, lo: int = 2) -> int:
-    return max(lo, int(n) // div)
-
-
-#: Method options for a task of length ``N`` (queries and keys): ``method -> f(N) -> dict``.
-#: Methods absent here run with their defaults (softmax and its variants, the linear
-#: family, recycled — exact softmax in a forward pass —, aaren).
-TASK_OPTIONS: dict[str, Callable[[int], dict]] = {
-    # local: a query sees about N/4 keys
-    "sliding_window": lambda N: {"window": _frac(N, 4)},
-    "neighborhood": lambda N: {"kernel_size": _frac(N, 4) + 1},
-    # dilated: N/4 keys per query, spaced 1, 2, 4, 8 apart by head (cycled)
-    "dilated": lambda N: {"window": _frac(N, 4), "dilations": (1, 2, 4, 8)},
-    # MoA: per-head spans N/8, N/4, N/4, N/2 (cycled over heads; a quarter on average)
-    "moa": lambda N: {"alpha": (_frac(N, 8), _frac(N, 4), _frac(N, 4), _frac(N, 2))},
-    # block-routed: 8 blocks / regions of N/8, two chosen per query block (+ its own where the method adds it)
-    "block_sparse": lambda N: {"layout": FixedLayout(local=1, stride=4), "block_size": _frac(N, 8)},
-    "bilevel_routing": lambda N: {"region_size": _frac(N, 8), "topk": 2},
-    "hip": lambda N: {"block_size": _frac(N, 8), "topk": 2},
-    "landmark": lambda N: {"block_size": _frac(N, 8), "topk": 2},
-    "seer": lambda N: {"block_size": _frac(N, 8), "topk": 2},
-    # routing: 4 clusters of N/4 queries and N/4 keys
-    "routing": lambda N: {"num_clusters": 4},
-    # combiner keeps its default block of round(sqrt(N)) (full support at any length)
-    # low rank: N/4 agents / landmarks
-    "agent": lambda N: {"num_agents": _frac(N, 4)},
-    "softmax_free": lambda N: {"num_landmarks": _frac(N, 4)},
-}
-
-
-#: Implementation the task models train with, by method; the rest use ``"reference"``.
-#: All implementations of a method are tested equal (outputs and gradients), so the
-#: accuracy does not depend on this choice, only the training time does: at the task
-#: lengths (tens to hundreds of tokens) the dense references are the fastest for most
-#: methods — the fast forms' blocking and gathering pays only at long lengths.
-TASK_IMPLS: dict[str, str] = {"softmax": "sdpa", "softmax_free": "nystrom"}
-
-
 def task_impl(method: str) -> str:
-    """The implementation :data:`TASK_IMPLS` gives ``method`` (default ``"reference"``)."""
-    return TASK_IMPLS.get(method, "reference")
+    """The implementation the task models train ``method`` with: its spec's ``short_impl``."""
+    return registry.get(method).short_impl
 
 
 def task_options(method: str, seq_len: int) -> dict:
-    """The options :data:`TASK_OPTIONS` gives ``method`` at length ``seq_len`` (``{}`` if none)."""
-    f = TASK_OPTIONS.get(method)
-    return dict(f(int(seq_len))) if f is not None else {}
+    """The options ``method`` runs with at length ``seq_len``: its sizing hook's."""
+    return registry.get(method).sized_options(int(seq_len), module=True)
 
 
 class MLP(nn.Module):

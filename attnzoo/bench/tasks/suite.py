@@ -8,7 +8,7 @@ query positions, swept over sequence length × number of key–value pairs). A m
 a task when its spec lists the task's pattern; the other pairs are skipped
 (:func:`unsupported_pairs` says which and why). The models are in
 :mod:`attnzoo.bench.tasks.model` (two pre-norm blocks; the method's options for the
-task length from :data:`attnzoo.bench.tasks.model.TASK_OPTIONS`).
+task length from each method's sizing hook, ``spec.sized_options(N)``).
 
 Config: the ``[tasks]`` table of a benchmark TOML file (``benchmarks/quick.toml``,
 ``benchmarks/full.toml``, ``benchmarks/mqar-zoology.toml``)::
@@ -42,7 +42,7 @@ Config: the ``[tasks]`` table of a benchmark TOML file (``benchmarks/quick.toml`
     vocab_size = 32
     steps = 300
 
-    [tasks.options.sliding_window]   # optional: method options over TASK_OPTIONS'
+    [tasks.options.sliding_window]   # optional: method options over the sized ones
     window = 8
 
 Every task table takes ``seq_len`` or ``seq_lens`` (a sweep) and overrides of the
@@ -130,7 +130,7 @@ class TaskCase:
                           separators=(",", ":"))
 
     def method_options(self) -> dict:
-        """The options the method runs with: :data:`TASK_OPTIONS`' for this length, then ``options``."""
+        """The options the method runs with: its sizing hook's for this length, then ``options``."""
         return {**task_options(self.method, self.seq_len), **dict(self.options)}
 
 

@@ -1,0 +1,121 @@
+"""Key blocks and their selection: what the block-summarising and block-retrieving sparse
+methods (``combiner``, ``landmark``, ``hip``) share.
+
+The keys are cut into blocks of ``s`` positions (the last one may be short). Query ``i``
+of ``Nq`` sits at the aligned key position ``i + Nk - Nq`` (lower-right, DESIGN.md).
+
+* :func:`block_means` — per-block means of the real (unpadded) rows and their counts,
+  vectorised (the fast forms' summaries and landmarks);
+* :func:`selection_values` and :func:`selection_scores` — the arithmetic every selection
+  is made in, so that two different programs rank the same candidates alike;
+* :func:`topk_lowest_index` — top-k with the lowest index winning among equal scores;
+* :func:`expand_layout` — a block layout as the dense element mask (references only);
+* :func:`kept_density` — the ``density`` statistic of a block selection.
+
+Selection arithmetic: q and k are rounded to float32 (so a float64 and a float32 run on
+the same rounded values choose the same blocks), then scores are formed in float64.
+Products of two float32 numbers are exact in float64, so a score carries a relative
+error of about 1e-16 whatever the summation order: a vectorised selection and a loop
+written differently order the candidates identically except at exact ties, which every
+selection breaks the same documented way (lower index first).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+SELECT_DTYPE = torch.float64
+
+
+def num_blocks(n: int, s: int) -> int:
+    """``ceil(n / s)``."""
+    return -(-int(n) // int(s))
+
+
+def aligned_positions(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """Key position of each query, ``i + Nk - Nq``: ``(Nq,)`` long (negative when Nq > Nk)."""
+    return torch.arange(q_len, device=device) + (kv_len - q_len)
+
+
+def selection_values(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a selection reads it: detached, rounded to float32, held in float64."""
+    return x.detach().to(torch.float32).to(SELECT_DTYPE)
+
+
+def selection_scores(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · q·key`` in the selection arithmetic: ``q (..., n, D)``, ``keys (..., m, D)``
+    -> ``(..., n, m)`` float64 (no gradient)."""
+    with torch.no_grad():
+        return (selection_values(q) @ selection_values(keys).transpose(-1, -2)) * float(scale)
+
+
+def block_means(x: torch.Tensor, key_mask: Optional[torch.Tensor], s: int, dtype: Optional[torch.dtype] = None):
+    """Mean of the real rows of each block of ``s`` positions.
+
+    ``x (B, H, N, D)``; ``key_mask`` ``(B, N)`` bool (True = real) or None. Returns
+    ``means (B, H, nb, D)`` in ``dtype`` (default x's; a block without real rows has
+    mean 0) and ``count (B, nb)`` (its real rows, in the same dtype). Differentiable in x.
+    """
+    B, H, N, D = x.shape
+    nb = num_blocks(N, s)
+    pad = nb * s - N
+    dtype = x.dtype if dtype is None else dtype
+    if key_mask is None:
+        real = torch.ones(B, N, dtype=dtype, device=x.device)
+    else:
+        real = key_mask.to(dtype)
+    real = F.pad(real, (0, pad))
+    xw = F.pad(x.to(dtype), (0, 0, 0, pad)) * real.view(B, 1, -1, 1)
+    count = real.view(B, nb, s).sum(-1)
+    means = xw.view(B, H, nb, s, D).sum(3) / count.clamp(min=1).view(B, 1, nb, 1)
+    return means, count
+
+
+def topk_lowest_index(scores: torch.Tensor, k: int):
+    """The ``k`` largest entries of the last axis, the lowest index first among equal
+    scores: ``idx (..., k')`` long and ``ok (..., k')`` bool (False where the score is
+    ``-inf``: not a candidate), ``k' = min(k, size)``."""
+    kk = min(int(k), scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    top, top_s = order.indices[..., :kk], order.values[..., :kk]
+    return top, top_s > float("-inf")
+
+
+def expand_layout(layout: torch.Tensor, q_len: int, kv_len: int, q_block: int, k_block: int) -> torch.Tensor:
+    """A block layout ``(..., nqb, nkb)`` as the dense element mask ``(..., Nq, Nk)``
+    (``q_block = 1`` for a layout per query)."""
+    dense = layout.repeat_interleave(q_block, dim=-2) if q_block != 1 else layout
+    return dense[..., :q_len, :].repeat_interleave(k_block, dim=-1)[..., :kv_len]
+
+
+def kept_density(idx: torch.Tensor, valid: torch.Tensor, *, q_len: int, kv_len: int, block: int, causal: bool,
+                 key_mask: Optional[torch.Tensor], q_block: int = 1) -> Optional[float]:
+    """Mean over the queries that may see a real key of (real keys they may see in their
+    kept blocks) / (real keys they may see), under causality and padding only.
+
+    ``idx``/``valid`` ``(B', H, R, K)``: the kept key blocks of each query (``q_block=1``)
+    or of each block of ``q_block`` queries. None when no query sees a real key."""
+    B = idx.shape[0] if key_mask is None else key_mask.shape[0]
+    dev = idx.device
+    if q_block != 1:
+        idx = idx.repeat_interleave(q_block, dim=2)[:, :, :q_len]
+        valid = valid.repeat_interleave(q_block, dim=2)[:, :, :q_len]
+    real = torch.ones(B, kv_len, device=dev, dtype=torch.float64) if key_mask is None else key_mask.to(torch.float64)
+    cum = F.pad(real.cumsum(-1), (1, 0))  # (B, Nk + 1): real keys before each position
+    p = aligned_positions(q_len, kv_len, dev)
+    end_q = (p + 1).clamp(0, kv_len) if causal else torch.full_like(p, kv_len)
+    idx = idx.expand(B, *idx.shape[1:])
+    valid = valid.expand(B, *valid.shape[1:])
+    lo = (idx * block).clamp(max=kv_len)
+    hi = torch.minimum((idx + 1) * block, end_q.view(1, 1, -1, 1)).clamp(max=kv_len)
+    hi = torch.maximum(hi, lo)
+    bix = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    got = ((cum[bix, hi] - cum[bix, lo]) * valid).sum(-1)  # (B, H, Nq)
+    vis = cum[:, end_q].view(B, 1, q_len)
+    rows = (vis > 0).expand_as(got)
+    if not bool(rows.any()):
+        return None
+    return float((got / vis.clamp(min=1))[rows].mean())

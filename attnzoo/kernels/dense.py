@@ -1,0 +1,55 @@
+"""Dense attention with explicit ``(B, Hq, Nq, Nk)`` matrices: the core of the references.
+
+    S = scale · Q Kᵀ  [-> score_mod]       P = softmax(S) over the allowed keys      O = P V
+
+Every reduction runs in float32 for half inputs (float64 stays float64). A query row
+with nothing allowed gets P = 0 and O = 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import score_mods
+from .common import compute_dtype, repeat_kv
+from .masking import make_masker
+
+
+def masked_softmax(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row softmax of ``s`` over the allowed entries; a row with nothing allowed gives
+    zeros (plain softmax would give NaN there)."""
+    if allowed is None:
+        return torch.softmax(s, dim=-1)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    return p.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+
+
+def scores(q: torch.Tensor, k: torch.Tensor, scale: float, score_mod: Optional[Callable] = None) -> torch.Tensor:
+    """``score_mod(scale · Q Kᵀ)``: ``(B, Hq, Nq, Nk)`` in the compute dtype (k repeated to
+    the query heads)."""
+    B, Hq = q.shape[0], q.shape[1]
+    ct = compute_dtype(q.dtype)
+    s = (q.to(ct) @ repeat_kv(k, Hq).to(ct).transpose(-1, -2)) * scale
+    return score_mods.apply(score_mod, s, 0, 0, batch=B, heads=Hq)
+
+
+def softmax_attention(q, k, v, *, scale: float, causal: bool = False, mask=None, key_mask=None,
+                      score_mod: Optional[Callable] = None, dropout_p: float = 0.0, return_weights: bool = False):
+    """Softmax attention with explicit N×N matrices.
+
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv) in q's
+    dtype (and the ``(B, Hq, Nq, Nk)`` weights with ``return_weights``). ``mask``: a bool
+    tensor broadcastable to (B, Hq, Nq, Nk) or a mask_mod; ``key_mask``: (B, Nk) bool,
+    True = real key; ``causal``: lower-right aligned.
+    """
+    ct = compute_dtype(q.dtype)
+    s = scores(q, k, scale, score_mod)
+    p = masked_softmax(s, make_masker(q, k, causal, mask, key_mask).full())
+    weights = p
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    out = (p @ repeat_kv(v, q.shape[1]).to(ct)).to(q.dtype)
+    return (out, weights.to(q.dtype)) if return_weights else out
