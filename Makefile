@@ -1,5 +1,6 @@
 # make test   -- create .venv if missing (torch CPU build first), run the test suite (slowest tests listed)
 # make test-fast -- the same without the tests marked slow (trainings, real sweeps, compiles)
+# make docs   -- same set-up, the documentation site (a page per method, from the registry) into site/
 # make bench  -- same set-up, run the quick benchmark (under 5 minutes on 2 cores) and write
 #                bench-results/report.md, report.html and plots
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast bench clean
+.PHONY: test test-fast bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,5 +27,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m attnzoo bench all --quick --out bench-results
 
+docs: $(STAMP)
+	$(PY) -m attnzoo.docs build/docs-src
+	cd build/docs-src && $(CURDIR)/$(VENV)/bin/mkdocs build --strict -d $(CURDIR)/site
+
 clean:
-	rm -rf $(VENV) bench-results .pytest_cache .hypothesis
+	rm -rf $(VENV) bench-results .pytest_cache .hypothesis build site

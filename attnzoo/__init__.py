@@ -10,9 +10,10 @@ from .api import MethodModule, attention, build, config, detect_nan
 from .errors import AttentionInputError, UnknownMethod, UnsupportedImpl, UnsupportedPattern
 from .registry import PATTERNS, MethodOptions, MethodSpec, get, list_methods, method, register
 from .layers import Attention, RotaryEmbedding
+from .integrations.sdpa import use
 from . import masks
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "attention",
@@ -35,4 +36,5 @@ __all__ = [
     "UnsupportedImpl",
     "masks",
     "methods",
+    "use",
 ]

@@ -23,37 +23,51 @@ from .checks import config, detect_nan  # noqa: F401  (re-exported)
 
 
 def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Union[torch.Tensor, Callable, None] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: Optional[bool] = None,
     *,
     method: str = "softmax",
-    causal: bool = False,
+    impl: str = "auto",
+    causal: Optional[bool] = None,
     mask: Union[torch.Tensor, Callable, None] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    impl: str = "auto",
+    key_mask: Optional[torch.Tensor] = None,
     return_weights: bool = False,
     cross: Optional[bool] = None,
     nan_policy: Optional[str] = None,
     score_mod: Optional[Callable] = None,
     **options,
 ):
-    """Attention with any registered method.
+    """Attention with any registered method, called like
+    ``torch.nn.functional.scaled_dot_product_attention``: a call written for SDPA runs
+    unchanged with ``method=`` added.
 
     Args:
-        q, k, v: ``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)``.
-        method: a registered method name (see :func:`attnzoo.list_methods`).
-        causal: causal masking, aligned lower-right when ``Nq != Nk``.
-        mask: bool tensor broadcastable to ``(B, Hq, Nq, Nk)`` (True = may attend),
-            or a mask_mod ``f(b, h, q_idx, kv_idx)`` (see :mod:`attnzoo.masks`).
-        key_padding_mask: bool ``(B, Nk)``, True = real token.
-        scale: score scale, default ``D ** -0.5``.
+        query: ``(B, Hq, Nq, D)``.
+        key: ``(B, Hkv, Nk, D)``.
+        value: ``(B, Hkv, Nk, Dv)``.
+        attn_mask: SDPA's: a bool tensor broadcastable to ``(B, Hq, Nq, Nk)`` (True = may
+            attend), a float tensor added to the scores (methods with ``score_mods``), or
+            a mask_mod ``f(b, h, q_idx, kv_idx)`` (:mod:`attnzoo.masks`). ``mask`` is an alias.
         dropout_p: attention dropout probability (methods whose spec allows it).
+        is_causal: SDPA's causal mask: for ``Nq != Nk`` *upper-left* aligned, as in SDPA.
+        scale: score scale, default ``D ** -0.5``.
+        enable_gqa: as SDPA's (False refuses ``Hq != Hkv``); None, the default, allows
+            grouped-query attention (``Hq`` a multiple of ``Hkv``).
+        method: a registered method name (see :func:`attnzoo.list_methods`).
         impl: ``"auto"`` (best implementation that supports the call), ``"reference"``,
             or a fast implementation's name (``spec.impl_names``). A named impl that
             cannot serve the call raises :class:`UnsupportedImpl`; it never falls back.
+        causal: attnzoo's causal mask, aligned *lower-right* when ``Nq != Nk`` (query ``i``
+            sees key ``j`` iff ``j <= i + Nk - Nq``: what decoding with a cache needs).
+        key_padding_mask: ``nn.MultiheadAttention``'s: ``(B, Nk)``, True = padding (ignored).
+        key_mask: ``(B, Nk)``, True = a real key (a tokenizer's ``attention_mask``).
         return_weights: also return the ``(B, Hq, Nq, Nk)`` attention weights.
         cross: whether this is cross-attention (default: ``Nq != Nk``). Only used
             to check the method supports the pattern.
@@ -64,10 +78,11 @@ def attention(
         **options: method options (``spec.options``), e.g. ``softcap=30.0``.
 
     Returns:
-        ``out: (B, Hq, Nq, Dv)`` in the dtype of ``q``, or ``(out, weights)``.
+        ``out: (B, Hq, Nq, Dv)`` in the dtype of ``query``, or ``(out, weights)``.
     """
-    return registry.get(method).dispatch(q, k, v, causal, mask, key_padding_mask, scale, dropout_p, impl,
-                                         return_weights, cross, nan_policy, score_mod, options)
+    return registry.get(method).dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                         causal, mask, key_padding_mask, key_mask, impl, return_weights, cross,
+                                         nan_policy, score_mod, options)
 
 
 def build(name: str, **options) -> torch.nn.Module:

@@ -12,12 +12,14 @@ the expected and the actual value.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
 from .errors import AttentionInputError, UnsupportedPattern, fmt_shape
-from .kernels.masking import Masker
+from .kernels.masking import Masker, and_masks, tensor_mask
+from .kernels.score_mods import compose as _compose
+from .kernels.score_mods import tensor_bias
 
 #: Process-wide defaults: ``nan_policy`` is "propagate" (no scan) or "raise".
 config = {"nan_policy": "propagate"}
@@ -42,7 +44,7 @@ def detect_nan(enabled: bool = True) -> Iterator[None]:
         config["nan_policy"] = before
 
 
-class Call:
+class Call(NamedTuple):
     """One attention call, checked: what an implementation's ``fn(q, k, v, call)`` and
     ``supports(call)`` receive.
 
@@ -55,19 +57,26 @@ class Call:
     validated options (its options dataclass); ``given``: the option names the caller set.
     """
 
-    __slots__ = ("batch", "q_heads", "kv_heads", "q_len", "kv_len", "head_dim", "v_dim", "dtype", "device",
-                 "causal", "cross", "mask", "key_mask", "score_mod", "scale", "dropout_p", "return_weights",
-                 "requires_grad", "options", "given")
-
-    def __init__(self, batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_dim, dtype, device, causal, cross,
-                 mask, key_mask, score_mod, scale, dropout_p, return_weights, requires_grad, options, given):
-        self.batch, self.q_heads, self.kv_heads = batch, q_heads, kv_heads
-        self.q_len, self.kv_len, self.head_dim, self.v_dim = q_len, kv_len, head_dim, v_dim
-        self.dtype, self.device = dtype, device
-        self.causal, self.cross = causal, cross
-        self.mask, self.key_mask, self.score_mod = mask, key_mask, score_mod
-        self.scale, self.dropout_p, self.return_weights = scale, dropout_p, return_weights
-        self.requires_grad, self.options, self.given = requires_grad, options, given
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    v_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    causal: bool
+    cross: bool
+    mask: Any
+    key_mask: Optional[torch.Tensor]
+    score_mod: Any
+    scale: float
+    dropout_p: float
+    return_weights: bool
+    requires_grad: bool
+    options: Any
+    given: tuple
 
     @property
     def pattern(self) -> str:
@@ -90,9 +99,7 @@ class Call:
 
     def replace(self, **changes) -> "Call":
         """A copy with some fields changed (e.g. a method running a kernel on new lengths)."""
-        values = {name: getattr(self, name) for name in self.__slots__}
-        values.update(changes)
-        return Call(**values)
+        return self._replace(**changes)
 
     def __repr__(self) -> str:
         return (f"Call({self.pattern}, B={self.batch}, Hq={self.q_heads}, Hkv={self.kv_heads}, Nq={self.q_len}, "
@@ -198,7 +205,7 @@ def check_mask(mask, B: int, Hq: int, Nq: int, Nk: int, device):
     return mask
 
 
-def check_key_mask(key_mask, B: int, Nk: int, device, name: str = "key_padding_mask") -> torch.Tensor:
+def check_key_mask(key_mask, B: int, Nk: int, device, name: str = "key_mask") -> torch.Tensor:
     """A ``(B, Nk)`` bool tensor on ``device``."""
     if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
         raise AttentionInputError(
@@ -211,28 +218,117 @@ def check_key_mask(key_mask, B: int, Nk: int, device, name: str = "key_padding_m
     return key_mask
 
 
+def _top_left_causal(b, h, q_idx, kv_idx):
+    """SDPA's ``is_causal`` for ``Nq != Nk``: query ``i`` sees keys ``j <= i`` (upper-left)."""
+    return kv_idx <= q_idx
+
+
+_top_left_causal.cache_key = ("top_left_causal",)
+
+
+def sdpa_arguments(spec, q, k, attn_mask, mask, is_causal, causal, key_padding_mask, key_mask, score_mod,
+                   enable_gqa):
+    """SDPA's and ``nn.MultiheadAttention``'s arguments in attnzoo's terms: returns
+    ``(causal, mask, key_mask, score_mod)``.
+
+    * ``attn_mask`` (alias ``mask``): a bool tensor (True = may attend) or a mask_mod is a
+      mask; a float tensor is added to the scores (a score_mod, for methods that take one).
+    * ``is_causal``: SDPA's meaning — with ``Nq != Nk`` the mask is *upper-left* aligned
+      (query ``i`` sees keys ``j <= i``); ``causal`` is attnzoo's lower-right alignment (what
+      decoding with a cache needs). For ``Nq == Nk`` they are the same.
+    * ``key_padding_mask``: ``nn.MultiheadAttention``'s meaning, ``(B, Nk)``, True = padding
+      (ignored), or a float mask added to the scores; ``key_mask``: ``(B, Nk)``, True = a
+      real key (the ``attention_mask`` of Hugging Face tokenizers).
+    * ``enable_gqa``: as in SDPA, False refuses ``Hq != Hkv``; None (attnzoo's default)
+      allows grouped-query attention.
+    """
+    B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if attn_mask is not None and mask is not None:
+        raise AttentionInputError("give attn_mask or its alias mask, not both")
+    m = attn_mask if attn_mask is not None else mask
+    if isinstance(m, torch.Tensor) and m.is_floating_point():
+        if not spec.score_mods:
+            raise AttentionInputError(
+                f"method {spec.name!r} cannot take a float attn_mask (an additive bias; its spec has "
+                "score_mods=False); pass a bool mask (True = may attend) instead")
+        if m.dim() > 4 or not _broadcastable(m.shape, (B, Hq, Nq, Nk)):
+            raise AttentionInputError(
+                f"attn_mask of shape {fmt_shape(m)} does not broadcast to (B, Hq, Nq, Nk) = {fmt_shape((B, Hq, Nq, Nk))}")
+        if m.device != q.device:
+            raise AttentionInputError(f"attn_mask is on {m.device} but q is on {q.device}")
+        score_mod = _compose(tensor_bias(m), score_mod)
+        m = None
+    if is_causal is not True and is_causal is not False:
+        raise AttentionInputError(f"is_causal must be a bool, got {is_causal!r}")
+    if causal is None:
+        causal = False
+    if is_causal:
+        if Nq == Nk:
+            causal = True
+        elif causal:
+            raise AttentionInputError(
+                f"is_causal=True (SDPA: upper-left aligned) and causal=True (attnzoo: lower-right aligned) disagree "
+                f"for Nq={Nq} != Nk={Nk}; give one of them")
+        else:
+            if not spec.masks:
+                raise AttentionInputError(
+                    f"is_causal=True with Nq={Nq} != Nk={Nk} is SDPA's upper-left causal mask, and method "
+                    f"{spec.name!r} takes no masks; pass causal=True for attnzoo's lower-right alignment")
+            m = _top_left_causal if m is None else and_masks(
+                _top_left_causal, tensor_mask(m) if isinstance(m, torch.Tensor) else m)
+    if key_padding_mask is not None:
+        if key_mask is not None:
+            raise AttentionInputError("give key_padding_mask (True = padding) or key_mask (True = real key), not both")
+        if isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.is_floating_point():
+            if tuple(key_padding_mask.shape) != (B, Nk):
+                raise AttentionInputError(
+                    f"key_padding_mask must have shape (B, Nk) = {fmt_shape((B, Nk))}, got {fmt_shape(key_padding_mask)}")
+            if not spec.score_mods:
+                raise AttentionInputError(
+                    f"method {spec.name!r} cannot take a float key_padding_mask (an additive bias); pass a bool one "
+                    "(True = padding)")
+            score_mod = _compose(tensor_bias(key_padding_mask.view(B, 1, 1, Nk)), score_mod)
+        else:
+            key_mask = ~check_key_mask(key_padding_mask, B, Nk, q.device, "key_padding_mask")
+    if enable_gqa is False and Hq != Hkv:
+        raise AttentionInputError(
+            f"enable_gqa=False but q has {Hq} heads and k/v {Hkv} (as in SDPA, grouped-query attention needs "
+            "enable_gqa=True, or leave it None)")
+    return causal, m, key_mask, score_mod
+
+
 def make_call(spec, q, k, v, causal: bool, mask, key_mask, score_mod, scale, dropout_p: float,
               return_weights: bool, cross: Optional[bool], nan_policy: Optional[str], options, given) -> Call:
     """Check a call against ``spec`` (a :class:`~attnzoo.registry.MethodSpec`) and return
     its :class:`Call`. ``options`` are already validated by the spec."""
+    if (mask is None and key_mask is None and score_mod is None and not dropout_p and not return_weights
+            and scale is None and nan_policy is None and cross is None and (causal is True or causal is False)
+            and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        # the common case (no mask, defaults) in one pass over the metadata: this runs on every
+        # call and every decoding step; anything unusual takes the full path below, which
+        # says what is wrong
+        qs, ks, vs = q.shape, k.shape, v.shape
+        dtype = q.dtype
+        if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and dtype in _FLOAT_SET and dtype == k.dtype == v.dtype
+                and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and ks[2] == vs[2] and ks[3] == qs[3]
+                and ks[1] > 0 and qs[1] % ks[1] == 0 and (spec.gqa or qs[1] == ks[1])
+                and qs[0] and qs[2] and qs[3] and ks[2] and vs[3] and spec.query == "tokens"
+                and config["nan_policy"] == "propagate"):
+            device = q.device
+            if device == k.device == v.device:
+                B, Hq, Nq, D = qs
+                cross = Nq != ks[2]
+                if spec.allows(causal, cross):
+                    requires_grad = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
+                    return Call(B, Hq, ks[1], Nq, ks[2], D, vs[3], dtype, device, causal, cross, None, None, None,
+                                D ** -0.5, 0.0, False, requires_grad, options, given)
     check_qkv(q, k, v, gqa=spec.gqa)
     B, Hq, Nq, D = q.shape
     ks = k.shape
     Hkv, Nk, Dv = ks[1], ks[2], v.shape[3]
     if causal is not True and causal is not False:
         raise AttentionInputError(f"causal must be a bool, got {causal!r}")
-    if (mask is None and key_mask is None and score_mod is None and not dropout_p and not return_weights
-            and scale is None and nan_policy is None and cross is None and spec.query == "tokens"
-            and config["nan_policy"] == "propagate"):
-        # the common case (no mask, defaults): the same checks, fewer branches
-        cross = Nq != Nk
-        if not spec.allows(causal, cross):
-            raise UnsupportedPattern(
-                f"method {spec.name!r} does not support the {pattern_name(causal, cross)} pattern "
-                f"(q length {Nq}, k length {Nk}, causal={causal}); it supports: {', '.join(spec.patterns)}")
-        requires_grad = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
-        return Call(B, Hq, Hkv, Nq, Nk, D, Dv, q.dtype, q.device, causal, cross, None, None, None, D ** -0.5,
-                    0.0, False, requires_grad, options, given)
     if spec.query == "learned":
         if Nq != 1:
             raise AttentionInputError(
@@ -250,9 +346,9 @@ def make_call(spec, q, k, v, causal: bool, mask, key_mask, score_mod, scale, dro
         if not spec.masks:
             raise AttentionInputError(
                 f"method {spec.name!r} does not take a mask (its spec has masks=False); "
-                "pass key_padding_mask for padding")
+                "pass key_padding_mask (or key_mask) for padding")
     if key_mask is not None:
-        key_mask = check_key_mask(key_mask, B, Nk, q.device)
+        key_mask = check_key_mask(key_mask, B, Nk, q.device, "key_mask")
     if score_mod is not None and not spec.score_mods:
         raise AttentionInputError(
             f"method {spec.name!r} cannot take a score_mod or a float mask (its spec has score_mods=False)")

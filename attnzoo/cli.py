@@ -40,6 +40,44 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from rich.markdown import Markdown
+    from rich.panel import Panel
+
+    from .docs import method_info
+
+    spec = registry.get(args.method)  # a misspelled name gets the closest suggestion
+    info = method_info(spec)
+    console = _console()
+    console.print(Panel(f"[bold]{info['name']}[/bold] ({info['family']}) — {info['summary']}\n"
+                        f"paper: {info['paper']}\nfile: {info['module']}", expand=False))
+    console.print(info["doc"])
+    table = Table(title="options")
+    for c in ("option", "default", "meaning", "only for"):
+        table.add_column(c, overflow="fold")
+    for o in info["options"]:
+        table.add_row(o["name"], o["default"], o["meaning"], o["only"])
+    console.print(table if info["options"] else "options: none")
+    impls = Table(title="implementations")
+    impls.add_column("impl")
+    impls.add_column("what it is", overflow="fold")
+    for i in info["impls"]:
+        impls.add_row(i["name"], i["description"])
+    console.print(impls)
+    facts = [f"patterns: {', '.join(info['patterns'])}"
+             + (f" (not: {', '.join(info['unsupported'])})" if info["unsupported"] else ""),
+             f"exact: {'yes' if info['exact'] else 'no'}; time {info['time']}; memory {info['memory']}",
+             f"masks: {'any' if info['masks'] else 'key padding only'}; score_mods / float masks: "
+             f"{'yes' if info['score_mods'] else 'no'}; GQA: {'yes' if info['gqa'] else 'no'}; "
+             f"dropout: {'yes' if info['dropout'] else 'no'}",
+             f"decoding: {info['decoding'] or 'no'}",
+             f"parameters: {info['module_class'] or 'none'}"]
+    if info["causal_leak"]:
+        facts.append(f"not strictly causal: {info['causal_leak']}")
+    console.print(Markdown("\n".join(f"- {f}" for f in facts)))
+    return 0
+
+
 def _console() -> Console:
     """A console at least 160 columns wide, so tables are not squeezed when piped."""
     console = Console()
@@ -313,8 +351,18 @@ def results_table(results) -> Table:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("attnzoo")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree without installing
+        __version__ = "unknown (not installed)"
     parser = argparse.ArgumentParser(prog="attnzoo", description="attention mechanisms behind one API")
+    parser.add_argument("--version", action="version", version=f"attnzoo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("info", help="one method: its maths, every option with its default, patterns, impls, paper")
+    i.add_argument("method", help="a registered method name (see `attnzoo list`)")
+    i.set_defaults(func=cmd_info)
     p = sub.add_parser("list", help="list the registered methods")
     p.add_argument("--markdown", action="store_true", help="print the Markdown table (the README's)")
     p.set_defaults(func=cmd_list)

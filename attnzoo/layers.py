@@ -12,6 +12,7 @@ live here; the attention maths lives in the methods (``attnzoo/methods``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,7 +21,39 @@ from torch import nn
 
 from . import registry
 from .api import build
-from .errors import AttentionInputError, UnsupportedPattern, fmt_shape
+from .errors import AttentionInputError, UnsupportedPattern, closest, fmt_shape
+
+
+_WARNED: set = set()
+
+
+def _warn_causal_leak(spec) -> None:
+    """Warn once per method that its causal form is not strictly causal."""
+    if spec.name in _WARNED:
+        return
+    _WARNED.add(spec.name)
+    warnings.warn(
+        f"method {spec.name!r} is not strictly causal: {spec.causal_leak}. A causal model trained with it can read "
+        "a little of the future; pass allow_causal_leak=True to Attention to silence this warning",
+        CausalLeakWarning, stacklevel=3)
+
+
+class CausalLeakWarning(UserWarning):
+    """A causal layer uses a method whose key choice sees later tokens."""
+
+
+def _check_module_options(spec, options: dict) -> None:
+    """The options a learnable method's module takes: its constructor's (checked here, with
+    the closest-name suggestion) — the module sets its call options itself."""
+    import inspect
+
+    ctor = set(inspect.signature(spec.module.__init__).parameters) - {"self", "heads", "kv_heads", "head_dim",
+                                                                      "v_dim", "impl"}
+    for name in options:
+        if name not in ctor:
+            raise AttentionInputError(
+                f"method {spec.name!r} (module {spec.module.__name__}) has no constructor option {name!r}."
+                f"{closest(name, ctor)} Its options: {', '.join(sorted(ctor)) or 'none'}")
 
 
 class RotaryEmbedding(nn.Module):
@@ -52,7 +85,7 @@ class LayerCache:
     state: Any = None  # the method's state (self-attention)
     context_k: Optional[torch.Tensor] = None  # projected memory (cross-attention)
     context_v: Optional[torch.Tensor] = None
-    context_padding_mask: Optional[torch.Tensor] = None
+    context_key_mask: Optional[torch.Tensor] = None  # True = a real token
     extra: dict = field(default_factory=dict)
 
 
@@ -72,24 +105,51 @@ class Attention(nn.Module):
             by ``sigmoid(W_g x)``, letting a head output exactly nothing.
         dropout: attention dropout in training mode (methods that support it).
         bias: biases in the projections.
+        allow_causal_leak: silence the warning a causal layer gives for a method whose
+            causal form chooses keys with later tokens (its spec's ``causal_leak``).
         **method_options: options of the method (e.g. ``softcap=30.0``), or of its module's
             constructor for methods with parameters.
+
+    Every argument and method option is checked here, at construction: a bad one raises
+    :class:`~attnzoo.AttentionInputError` now, not at the first forward.
     """
 
     def __init__(self, dim: int, heads: int = 8, kv_heads: Optional[int] = None, dim_head: Optional[int] = None, *,
                  method: str = "softmax", causal: bool = False, context_dim: Optional[int] = None,
                  rotary: bool = False, rotary_base: float = 10000.0, qk_norm: bool = False, gate: bool = False,
-                 dropout: float = 0.0, bias: bool = False, impl: str = "auto", **method_options):
+                 dropout: float = 0.0, bias: bool = False, impl: str = "auto", allow_causal_leak: bool = False,
+                 **method_options):
         super().__init__()
+        for name, value in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads), ("dim_head", dim_head),
+                            ("context_dim", context_dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise AttentionInputError(f"{name} must be a positive int, got {value!r}")
         kv_heads = kv_heads or heads
         if heads % kv_heads:
             raise AttentionInputError(f"heads must be a multiple of kv_heads, got heads={heads}, kv_heads={kv_heads}")
-        dim_head = dim_head or dim // heads
-        if dim_head < 1:
-            raise AttentionInputError(f"dim_head must be >= 1, got dim={dim}, heads={heads} -> dim_head={dim_head}")
+        if dim_head is None:
+            if dim % heads:
+                raise AttentionInputError(
+                    f"dim={dim} is not divisible by heads={heads}; pass dim_head= explicitly (the projections then "
+                    f"map {dim} -> heads * dim_head) or choose heads dividing dim")
+            dim_head = dim // heads
+        if not (0.0 <= float(dropout) < 1.0):
+            raise AttentionInputError(f"dropout must be in [0, 1), got {dropout}")
         self.dim, self.heads, self.kv_heads, self.dim_head = dim, heads, kv_heads, dim_head
         self.causal, self.dropout, self.method = causal, dropout, method
         self.spec = registry.get(method)
+        if dropout and not self.spec.dropout:
+            raise AttentionInputError(f"method {method!r} does not support attention dropout, got dropout={dropout}")
+        if impl != "auto" and impl not in self.spec.impl_names:
+            raise AttentionInputError(f"impl={impl!r} is not an implementation of method {method!r}; choose from "
+                                      f"'auto', {', '.join(repr(n) for n in self.spec.impl_names)}")
+        patterns = self.spec.patterns
+        want = ("causal_self" if causal else "noncausal_self", "causal_cross" if causal else "noncausal_cross")
+        if not any(p in patterns for p in want):
+            raise UnsupportedPattern(f"method {method!r} has no {'causal' if causal else 'noncausal'} form; it "
+                                     f"supports: {', '.join(patterns)}")
+        if causal and self.spec.causal_leak and not allow_causal_leak:
+            _warn_causal_leak(self.spec)
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
         self.to_k = nn.Linear(context_dim, kv_heads * dim_head, bias=bias)
@@ -100,6 +160,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim_head, eps=1e-6) if qk_norm else None
         self.gate = nn.Linear(dim, heads, bias=True) if gate else None
         if self.spec.module is not None:
+            _check_module_options(self.spec, method_options)
             self.attn = build(method, heads=heads, kv_heads=kv_heads, head_dim=dim_head, v_dim=dim_head, impl=impl,
                               **method_options)
         else:
@@ -140,12 +201,15 @@ class Attention(nn.Module):
             raise AttentionInputError(f"{name} must have shape (B, N, {width}), got {shape}")
 
     # ---------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, *, mask=None,
-                key_padding_mask: Optional[torch.Tensor] = None, return_weights: bool = False):
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, *, attn_mask=None, mask=None,
+                key_padding_mask: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
+                return_weights: bool = False):
         """x: (B, N, dim); context: (B, M, context_dim) for cross-attention.
 
-        ``mask``: bool broadcastable to (B, heads, N, M) or a mask_mod; ``key_padding_mask``:
-        (B, M) True = real token. Returns (B, N, dim), or (y, weights) with ``return_weights``.
+        ``attn_mask`` (alias ``mask``): bool broadcastable to (B, heads, N, M) (True = may
+        attend), a float bias, or a mask_mod; ``key_padding_mask``: (B, M), True = padding
+        (as in ``nn.MultiheadAttention``); ``key_mask``: (B, M), True = a real token.
+        Returns (B, N, dim), or (y, weights) with ``return_weights``.
         """
         self._check_x(x)
         cross = context is not None
@@ -154,7 +218,8 @@ class Attention(nn.Module):
         positions = None if cross else torch.arange(x.shape[1], device=x.device)
         q = self._queries(x, positions)
         k, v = self._keys_values(context if cross else x, positions)
-        res = self.attn(q, k, v, causal=self.causal, mask=mask, key_padding_mask=key_padding_mask,
+        res = self.attn(q, k, v, causal=self.causal, attn_mask=attn_mask, mask=mask,
+                        key_padding_mask=key_padding_mask, key_mask=key_mask,
                         dropout_p=self.dropout if self.training else 0.0, return_weights=return_weights, cross=cross)
         if return_weights:
             out, weights = res
@@ -163,9 +228,11 @@ class Attention(nn.Module):
 
     # --------------------------------------------------------------------- decoding
     def init_cache(self, batch_size: int, max_len: Optional[int] = None, *, context: Optional[torch.Tensor] = None,
-                   context_padding_mask: Optional[torch.Tensor] = None, dtype=None, device=None) -> LayerCache:
+                   context_padding_mask: Optional[torch.Tensor] = None, context_key_mask: Optional[torch.Tensor] = None,
+                   dtype=None, device=None) -> LayerCache:
         """State for :meth:`step`. For cross-attention give the ``context`` once here; its
-        keys and values are projected and kept."""
+        keys and values are projected and kept. ``context_padding_mask``: (B, M), True =
+        padding; ``context_key_mask``: (B, M), True = a real token."""
         p = self.to_q.weight
         dtype, device = dtype or p.dtype, device or p.device
         cache = LayerCache(batch_size)
@@ -183,7 +250,10 @@ class Attention(nn.Module):
                 )
             self._check_x(context, "context", self.to_k.in_features)
             cache.context_k, cache.context_v = self._keys_values(context, None)
-            cache.context_padding_mask = context_padding_mask
+            if context_padding_mask is not None and context_key_mask is not None:
+                raise AttentionInputError("give context_padding_mask (True = padding) or context_key_mask "
+                                          "(True = real token), not both")
+            cache.context_key_mask = ~context_padding_mask if context_padding_mask is not None else context_key_mask
             return cache
         if not self.causal:
             raise UnsupportedPattern("step() needs a causal layer (causal=True) for self-attention decoding")
@@ -203,7 +273,7 @@ class Attention(nn.Module):
         if cache.context_k is not None:
             q = self._queries(x, None)
             out = self.attn(q, cache.context_k, cache.context_v, causal=False,
-                            key_padding_mask=cache.context_padding_mask, cross=True)
+                            key_mask=cache.context_key_mask, cross=True)
             return self._output(x, out)
         positions = torch.arange(cache.position, cache.position + T, device=x.device)
         q = self._queries(x, positions)

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .checks import PATTERNS, Call, check_qkv, make_call, pattern_name
+from .checks import PATTERNS, Call, check_qkv, make_call, pattern_name, sdpa_arguments
 from .errors import AttentionInputError, UnknownMethod, UnsupportedImpl, UnsupportedPattern, closest, fmt_shape
 from .kernels.caches import Decoder
 
@@ -368,13 +368,25 @@ class MethodSpec:
         except AttentionInputError as e:
             raise AttentionInputError(f"method {self.name!r}: {e}") from None
 
-    def check(self, q, k, v, *, causal: bool = False, mask=None, key_padding_mask=None, score_mod=None, scale=None,
-              dropout_p: float = 0.0, return_weights: bool = False, cross: Optional[bool] = None,
+    def check(self, q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
+              enable_gqa: Optional[bool] = None, *, causal: Optional[bool] = None, mask=None, key_padding_mask=None,
+              key_mask=None, score_mod=None, return_weights: bool = False, cross: Optional[bool] = None,
               nan_policy: Optional[str] = None, **options) -> Call:
         """The :class:`~attnzoo.checks.Call` of a call (its checks, without running it)."""
         opts = self.resolve_options(options)
-        return make_call(self, q, k, v, causal, mask, key_padding_mask, score_mod, scale, dropout_p, return_weights,
+        causal, mask, key_mask, score_mod = self._arguments(q, k, attn_mask, mask, is_causal, causal,
+                                                            key_padding_mask, key_mask, score_mod, enable_gqa)
+        return make_call(self, q, k, v, causal, mask, key_mask, score_mod, scale, dropout_p, return_weights,
                          cross, nan_policy, opts, tuple(options))
+
+    def _arguments(self, q, k, attn_mask, mask, is_causal, causal, key_padding_mask, key_mask, score_mod,
+                   enable_gqa):
+        """SDPA's and MultiheadAttention's arguments in attnzoo's terms (only when any is given)."""
+        if (attn_mask is not None or is_causal is not False or key_padding_mask is not None
+                or enable_gqa is not None or (isinstance(mask, torch.Tensor) and mask.is_floating_point())):
+            return sdpa_arguments(self, q, k, attn_mask, mask, is_causal, causal, key_padding_mask, key_mask,
+                                  score_mod, enable_gqa)
+        return (False if causal is None else causal), mask, key_mask, score_mod
 
     def why_not(self, impl: Impl, call: Call) -> Optional[str]:
         """Why ``impl`` cannot serve ``call``, or None."""
@@ -417,18 +429,27 @@ class MethodSpec:
                 f"Implementations that can: {', '.join(repr(c) for c in can) or 'none'} (or impl='auto')")
         return chosen
 
-    def __call__(self, q, k, v, *, causal: bool = False, mask=None, key_padding_mask=None, scale=None,
-                 dropout_p: float = 0.0, impl: str = "auto", return_weights: bool = False,
+    def __call__(self, query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                 scale=None, enable_gqa: Optional[bool] = None, *, causal: Optional[bool] = None, mask=None,
+                 key_padding_mask=None, key_mask=None, impl: str = "auto", return_weights: bool = False,
                  cross: Optional[bool] = None, nan_policy: Optional[str] = None, score_mod=None, **options):
-        """Run the method: ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``
+        """Run the method: ``query (B, Hq, Nq, D)``, ``key (B, Hkv, Nk, D)``, ``value (B, Hkv, Nk, Dv)``
         -> ``(B, Hq, Nq, Dv)`` (see :func:`attnzoo.attention` for the arguments)."""
-        return self.dispatch(q, k, v, causal, mask, key_padding_mask, scale, dropout_p, impl, return_weights, cross,
-                             nan_policy, score_mod, options)
+        return self.dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal, mask,
+                             key_padding_mask, key_mask, impl, return_weights, cross, nan_policy, score_mod, options)
 
-    def dispatch(self, q, k, v, causal, mask, key_mask, scale, dropout_p, impl, return_weights, cross, nan_policy,
-                 score_mod, options: dict):
-        """The call path, positional (it runs on every call and every decoding step):
-        validate the options once, check the call, choose the implementation, run it."""
+    def dispatch(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal, mask, key_padding_mask,
+                 key_mask, impl, return_weights, cross, nan_policy, score_mod, options: dict):
+        """The call path, positional (it runs on every call and every decoding step): read
+        SDPA's arguments, validate the options once, check the call, choose the
+        implementation, run it."""
+        if (attn_mask is not None or is_causal is not False or key_padding_mask is not None
+                or enable_gqa is not None or (mask is not None and isinstance(mask, torch.Tensor)
+                                              and mask.is_floating_point())):
+            causal, mask, key_mask, score_mod = sdpa_arguments(self, q, k, attn_mask, mask, is_causal, causal,
+                                                               key_padding_mask, key_mask, score_mod, enable_gqa)
+        elif causal is None:
+            causal = False
         if options:
             opts, given = self.resolve_options(options), tuple(options)
         else:

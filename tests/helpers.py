@@ -41,7 +41,7 @@ CASES = [
 
 
 def make_inputs(case: Case, pattern: str, dtype=torch.float64, seed: int = 0):
-    """q, k, v (float64), key_padding_mask or None, and an upstream gradient."""
+    """q, k, v (float64), a key mask (True = real key) or None, and an upstream gradient."""
     g = torch.Generator().manual_seed(seed)
     nq, nk = case.lengths(pattern)
     dv = case.v_dim or case.head_dim
@@ -91,7 +91,7 @@ def assert_three_way(fast, ref_low, ref64, fudge: float, dtype, names=("out", "d
 
 def call(method: str, impl: str, causal: bool, kpm, cross: bool, **options):
     def fn(q, k, v):
-        return az.attention(q, k, v, method=method, impl=impl, causal=causal, key_padding_mask=kpm, cross=cross,
+        return az.attention(q, k, v, method=method, impl=impl, causal=causal, key_mask=kpm, cross=cross,
                             **options)
 
     return fn

@@ -131,11 +131,11 @@ def test_padding_excludes_keys_and_zeroes_dwc_inputs(impl):
     kpm[0, 15:] = False
     kpm[1, :4] = False
     w = torch.randn(12, 1, 3, dtype=torch.float64)
-    got = az.attention(q, k, v, method="agent", impl=impl, num_agents=6, key_padding_mask=kpm, dwc_weight=w)
+    got = az.attention(q, k, v, method="agent", impl=impl, num_agents=6, key_mask=kpm, dwc_weight=w)
     expected = agent_formula(q, k, v, agents_1d(q, 6), kpm) + dwc(v * kpm[:, None, :, None], w)
     torch.testing.assert_close(got, expected)
     # cross: padding equals removing the padded keys
-    cross = az.attention(q[:, :, :9], k, v, method="agent", impl=impl, num_agents=6, key_padding_mask=kpm)
+    cross = az.attention(q[:, :, :9], k, v, method="agent", impl=impl, num_agents=6, key_mask=kpm)
     for b in range(2):
         keep = kpm[b]
         alone = az.attention(q[b:b + 1, :, :9], k[b:b + 1, :, keep], v[b:b + 1, :, keep], method="agent", impl=impl,
@@ -149,7 +149,7 @@ def test_fully_padded_sequence_gives_zeros(impl):
     kpm = torch.ones(2, 12, dtype=torch.bool)
     kpm[1] = False
     w = torch.randn(12, 1, 3, dtype=torch.float64)
-    out = az.attention(q, k, v, method="agent", impl=impl, num_agents=4, key_padding_mask=kpm, dwc_weight=w)
+    out = az.attention(q, k, v, method="agent", impl=impl, num_agents=4, key_mask=kpm, dwc_weight=w)
     assert torch.isfinite(out).all()
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert out[0].abs().sum() > 0
@@ -172,7 +172,7 @@ def test_weights_are_the_two_softmaxes_product():
     q, k, v = qkv(Nq=16, Nk=16)
     kpm = torch.ones(2, 16, dtype=torch.bool)
     kpm[1, 10:] = False
-    out, w = az.attention(q, k, v, method="agent", num_agents=4, key_padding_mask=kpm, return_weights=True)
+    out, w = az.attention(q, k, v, method="agent", num_agents=4, key_mask=kpm, return_weights=True)
     assert w.shape == (2, 2, 16, 16)
     torch.testing.assert_close(w @ v, out)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 16, dtype=torch.float64))
@@ -277,9 +277,18 @@ def test_bad_options_raise():
 
 def test_sizing_hook_keeps_agents_a_quarter_of_short_sequences():
     spec = az.get("agent")
-    assert spec.sized_options(1) == {"num_agents": 2}
-    assert spec.sized_options(40) == {"num_agents": 10}
+    assert spec.sized_options(1) == {"num_agents": 4}
+    assert spec.sized_options(40) == {"num_agents": 9}
     assert spec.sized_options(64) == spec.sized_options(4096) == {"num_agents": spec.options["num_agents"]}
+    # always a perfect square, so the sized options also serve a 2-D call on any grid
+    g = torch.Generator().manual_seed(0)
+    for (h, w) in ((1, 1), (2, 3), (7, 9), (5, 8), (8, 8)):
+        options = spec.sized_options(h * w)
+        assert math.isqrt(options["num_agents"]) ** 2 == options["num_agents"]
+        q = torch.randn(1, 2, h * w, 8, generator=g, dtype=torch.float64)
+        for impl in spec.impl_names:
+            out = az.attention(q, q, q, method="agent", impl=impl, grid=(h, w), **options)
+            assert out.shape == q.shape and torch.isfinite(out).all()
 
 
 def test_fast_never_saves_an_n_by_n_tensor():

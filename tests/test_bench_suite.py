@@ -101,6 +101,7 @@ def test_results_file_cuts_a_partial_line_and_resumes(tmp_path):
     assert path.stat().st_size == 0 and (tmp_path / "x.jsonl.prev").exists()
 
 
+@pytest.mark.slow
 def test_efficiency_sweep_records_checks_cases_and_run(tmp_path, capsys):
     config = _tiny_config(tmp_path)
     code = cli.main(["bench", "efficiency", "--config", str(config), "--out", str(tmp_path / "out")])
@@ -119,6 +120,7 @@ def test_efficiency_sweep_records_checks_cases_and_run(tmp_path, capsys):
     assert "ratio" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_method_failing_its_check_is_reported_not_timed(tmp_path, monkeypatch):
     spec = registry.get("sigmoid")
     good = spec.impls[0]
@@ -141,6 +143,7 @@ def test_a_method_failing_its_check_is_reported_not_timed(tmp_path, monkeypatch)
     assert lin and all(r["status"] == "ok" for r in lin)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_loses_nothing_and_duplicates_nothing(tmp_path):
     """Kill a sweep mid-run (SIGKILL, the whole process group), leave a torn last line,
     resume: every planned case is there exactly once."""

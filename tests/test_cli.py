@@ -34,6 +34,7 @@ def test_python_dash_m_is_the_same_command():
     assert res.stdout == cli.methods_markdown()
 
 
+@pytest.mark.slow
 def test_bench_runs_and_writes_records(tmp_path, capsys):
     out = tmp_path / "r"
     code = cli.main(["bench", "efficiency", "--config", "quick", "--methods", "softmax:tiled,sigmoid", "--lengths", "32,64", "--heads", "2",
@@ -89,6 +90,7 @@ def test_peak_memory_grows_with_quadratic_reference():
     assert big.peak_mib > 4 * small.peak_mib
 
 
+@pytest.mark.slow
 def test_tensor_memory_sees_the_scores_of_a_quadratic_reference():
     """The profiled live-tensor peak: the reference's (H, N, N) scores, not process noise."""
     scores_mib = 2 * 1024 * 1024 * 4 / 2**20  # H=2, N=1024, float32
@@ -108,6 +110,7 @@ def test_scaling_exponent_on_synthetic_timings():
     assert eff.scaling_exponent([1024], [1.0]) is None
 
 
+@pytest.mark.slow
 def test_bench_decode_positions(tmp_path, capsys):
     out = tmp_path / "d"
     code = cli.main(["bench", "efficiency", "--config", "quick", "--methods", "linear,aaren,softmax", "--lengths", "32", "--modes", "fwd",

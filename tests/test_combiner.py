@@ -74,7 +74,7 @@ def test_reference_equals_loop_formula(causal, nq, nk, s, padded):
         kpm = torch.ones(2, nk, dtype=torch.bool)
         kpm[1, nk - nk // 3:] = False
         kpm[0, : min(nk, s)] = False  # a whole block without real keys: no summary
-    got = az.attention(q, k, v, method="combiner", impl="reference", causal=causal, key_padding_mask=kpm,
+    got = az.attention(q, k, v, method="combiner", impl="reference", causal=causal, key_mask=kpm,
                        block_size=s)
     torch.testing.assert_close(got, loop_formula(q, k, v, causal, s, kpm), atol=1e-12, rtol=1e-12)
 
@@ -86,7 +86,7 @@ def test_weights_are_a_full_support_distribution(causal):
     q, k, v = qkv(Nq=40, Nk=40)
     kpm = torch.ones(2, 40, dtype=torch.bool)
     kpm[1, 27:] = False
-    out, w = az.attention(q, k, v, method="combiner", causal=causal, key_padding_mask=kpm, block_size=6,
+    out, w = az.attention(q, k, v, method="combiner", causal=causal, key_mask=kpm, block_size=6,
                           return_weights=True, impl="reference")
     torch.testing.assert_close(w @ v.repeat_interleave(2, dim=1), out, atol=1e-12, rtol=1e-12)
     visible = kpm.view(2, 1, 1, 40).expand(2, 4, 40, 40)
@@ -123,7 +123,7 @@ def test_fast_matches_reference_float64_with_grads(causal, nq, nk, s):
     kpm = torch.ones(2, nk, dtype=torch.bool)
     kpm[0, nk // 2:] = False
     dout = torch.randn(2, 4, nq, 10, dtype=torch.float64)
-    kw = {"causal": causal, "key_padding_mask": kpm, "block_size": s, "scale": 0.4}
+    kw = {"causal": causal, "key_mask": kpm, "block_size": s, "scale": 0.4}
     ref, fast = _grads("reference", q, k, v, dout, **kw), _grads("block", q, k, v, dout, **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11, msg=name)
@@ -157,7 +157,7 @@ def test_padding_is_invisible(impl, causal):
     k2, v2 = k.clone(), v.clone()
     k2[:, :, ~kpm[0]] = 1e3 * torch.randn_like(k2[:, :, ~kpm[0]])
     v2[:, :, ~kpm[0]] = 1e3
-    kw = {"method": "combiner", "causal": causal, "key_padding_mask": kpm, "block_size": 7, "impl": impl}
+    kw = {"method": "combiner", "causal": causal, "key_mask": kpm, "block_size": 7, "impl": impl}
     a = az.attention(q, k, v, **kw)
     kk, vv = k2.clone().requires_grad_(True), v2.clone().requires_grad_(True)
     b = az.attention(q, kk, vv, **kw)
@@ -238,7 +238,7 @@ def test_density_report_equals_brute_force(causal, nq, nk, s):
     kpm[1, nk // 2:] = False
     kpm[0, :s] = False
     with stats.collect() as rec:
-        az.attention(q, k, v, method="combiner", causal=causal, key_padding_mask=kpm, block_size=s, impl="block")
+        az.attention(q, k, v, method="combiner", causal=causal, key_mask=kpm, block_size=s, impl="block")
     assert rec["density"] == pytest.approx([brute_density(causal, nq, nk, s, kpm)], rel=1e-9)
 
 

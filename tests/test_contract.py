@@ -48,12 +48,12 @@ def test_fast_matches_reference(method, impl, pattern, case, dtype):
             az.attention(q, k, v, method=method, impl=impl, causal=causal, cross=cross, **options)
         return
     low = [t.to(dtype) for t in (q, k, v)]
-    info = spec.check(*[t.requires_grad_(True) for t in low], causal=causal, key_padding_mask=kpm, cross=cross,
+    info = spec.check(*[t.requires_grad_(True) for t in low], causal=causal, key_mask=kpm, cross=cross,
                       **options)
     reason = spec.why_not(spec.get_impl(impl), info)
     if reason is not None:  # e.g. FlexAttention on CPU with autograd: it must say so, never run silently
         with pytest.raises(UnsupportedImpl, match=impl):
-            az.attention(*low, method=method, impl=impl, causal=causal, key_padding_mask=kpm, cross=cross, **options)
+            az.attention(*low, method=method, impl=impl, causal=causal, key_mask=kpm, cross=cross, **options)
         return
     ref64 = run(call(method, "reference", causal, kpm, cross, **options), q, k, v, dout)
     ref_low = run(call(method, "reference", causal, kpm, cross, **options), *low, dout)
@@ -217,10 +217,10 @@ def test_exact_methods_equal_torch_sdpa(method, pattern):
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
     expected = expected.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     for impl in spec.impl_names:
-        info = spec.check(q, k, v, causal=causal, key_padding_mask=kpm, cross=cross)
+        info = spec.check(q, k, v, causal=causal, key_mask=kpm, cross=cross)
         if spec.why_not(spec.get_impl(impl), info) is not None:
             continue
-        out = az.attention(q, k, v, method=method, impl=impl, causal=causal, key_padding_mask=kpm, cross=cross)
+        out = az.attention(q, k, v, method=method, impl=impl, causal=causal, key_mask=kpm, cross=cross)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5, msg=f"{method}:{impl}")
 
 

@@ -166,7 +166,7 @@ def test_block_equals_reference_float64_with_grads(method, opts, causal, nq, nk,
     if extra == "padding":
         kpm = torch.ones(2, nk, dtype=torch.bool)
         kpm[1, nk // 2:] = False
-        kw["key_padding_mask"] = kpm
+        kw["key_mask"] = kpm
     elif extra == "mask":
         kw["mask"] = torch.rand(nq, nk, generator=g) < 0.7
     elif extra == "mask_mod":

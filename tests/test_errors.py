@@ -71,13 +71,18 @@ def test_mask_of_wrong_shape_or_dtype(method):
         q, nq = q[:, :, :1], 1
     with pytest.raises(az.AttentionInputError, match=rf"mask of shape \(5, 5\) does not broadcast to \(B, Hq, Nq, Nk\) = \(2, 4, {nq}, 6\)"):
         az.attention(q, k, v, method=method, mask=torch.ones(5, 5, dtype=torch.bool), **kw)
-    with pytest.raises(az.AttentionInputError, match="bool tensor.*float32"):
-        az.attention(q, k, v, method=method, mask=torch.ones(nq, 6), **kw)
+    with pytest.raises(az.AttentionInputError, match="bool tensor.*int64"):
+        az.attention(q, k, v, method=method, mask=torch.ones(nq, 6, dtype=torch.long), **kw)
+    if not az.get(method).score_mods:  # a float mask is an additive bias, for the methods that take one
+        with pytest.raises(az.AttentionInputError, match="cannot take a float attn_mask"):
+            az.attention(q, k, v, method=method, attn_mask=torch.zeros(nq, 6), **kw)
     if not az.get(method).masks:
         with pytest.raises(az.AttentionInputError, match="does not take a mask.*key_padding_mask"):
             az.attention(q, k, v, method=method, mask=torch.ones(nq, 6, dtype=torch.bool), **kw)
+    with pytest.raises(az.AttentionInputError, match=r"key_mask must have shape \(B, Nk\) = \(2, 6\), got \(2, 5\)"):
+        az.attention(q, k, v, method=method, key_mask=torch.ones(2, 5, dtype=torch.bool), **kw)
     with pytest.raises(az.AttentionInputError, match=r"key_padding_mask must have shape \(B, Nk\) = \(2, 6\), got \(2, 5\)"):
-        az.attention(q, k, v, method=method, key_padding_mask=torch.ones(2, 5, dtype=torch.bool), **kw)
+        az.attention(q, k, v, method=method, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool), **kw)
 
 
 @pytest.mark.parametrize("method", METHODS)

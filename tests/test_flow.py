@@ -96,6 +96,9 @@ def test_official_clamp_option(impl):
     expected = flow_noncausal(q, k, v, clamp=1.0)
     torch.testing.assert_close(az.attention(q, k, v, method="flow", impl=impl, clamp=1.0), expected)
     assert not torch.allclose(expected, flow_noncausal(q, k, v))
+    for bad in (0.0, -1.0):  # clamp(-c, c) with c <= 0 would set every Ô to c
+        with pytest.raises(AttentionInputError, match="option clamp must be a positive number"):
+            az.attention(q, k, v, method="flow", impl=impl, clamp=bad)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -104,7 +107,7 @@ def test_noncausal_padding_equals_removing_the_keys(impl):
     kpm = torch.ones(2, 16, dtype=torch.bool)
     kpm[0, 12:] = False
     kpm[1, :5] = False
-    got = az.attention(q, k, v, method="flow", impl=impl, key_padding_mask=kpm)
+    got = az.attention(q, k, v, method="flow", impl=impl, key_mask=kpm)
     for b in range(2):
         keep = kpm[b]
         expected = flow_noncausal(q[b:b + 1], k[b:b + 1, :, keep], v[b:b + 1, :, keep])
@@ -118,7 +121,7 @@ def test_fully_padded_rows_are_zero(impl, causal):
     kpm = torch.ones(2, 10, dtype=torch.bool)
     kpm[0] = False  # nothing to attend to at all
     kpm[1, :4] = False  # causal: the first 4 rows see no real key
-    out = az.attention(q, k, v, method="flow", impl=impl, causal=causal, key_padding_mask=kpm)
+    out = az.attention(q, k, v, method="flow", impl=impl, causal=causal, key_mask=kpm)
     assert torch.isfinite(out).all()
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     if causal:
@@ -147,7 +150,7 @@ def test_causal_with_padding_and_clamp_equals_token_recurrence(impl):
     kpm[1, :3] = False
     kpm[1, 10:13] = False
     for clamp in (None, 1.0):
-        got = az.attention(q, k, v, method="flow", impl=impl, causal=True, key_padding_mask=kpm, clamp=clamp)
+        got = az.attention(q, k, v, method="flow", impl=impl, causal=True, key_mask=kpm, clamp=clamp)
         torch.testing.assert_close(got, flow_recurrent(q, k, v, kpm, clamp=clamp))
 
 
@@ -172,7 +175,7 @@ def test_weights_are_the_effective_matrix(causal):
     q, k, v = qkv(Nq=12, Nk=12)
     kpm = torch.ones(2, 12, dtype=torch.bool)
     kpm[1, 8:] = False
-    out, w = az.attention(q, k, v, method="flow", causal=causal, key_padding_mask=kpm, return_weights=True)
+    out, w = az.attention(q, k, v, method="flow", causal=causal, key_mask=kpm, return_weights=True)
     assert w.shape == (2, 2, 12, 12)
     torch.testing.assert_close(w @ v, out)
     assert torch.equal(w[1, :, :, 8:], torch.zeros_like(w[1, :, :, 8:]))
@@ -237,7 +240,7 @@ def test_gradcheck_chunk(causal):
     q, k, v = qkv(B=1, Hq=2, Hkv=1, Nq=6, Nk=6, D=3, Dv=2)
     kpm = torch.tensor([[True, True, False, True, True, True]])
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    fn = lambda a, b, c: az.attention(a, b, c, method="flow", impl="chunk", causal=causal, key_padding_mask=kpm,
+    fn = lambda a, b, c: az.attention(a, b, c, method="flow", impl="chunk", causal=causal, key_mask=kpm,
                                       chunk=4)
     assert torch.autograd.gradcheck(fn, (q, k, v))
 

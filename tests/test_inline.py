@@ -128,7 +128,7 @@ def test_reference_and_chunk_equal_the_formula(shape, causal, feature_map, paddi
         kpm = torch.ones(B, Nk, dtype=torch.bool)
         kpm[-1, 1::3] = False  # holes, not only a padded tail
     local = rand(Hq, Dv, 3, seed=4) if (causal or Nq == Nk) else None
-    kw = dict(causal=causal, key_padding_mask=kpm, feature_map=feature_map, local_weight=local, scale=0.7)
+    kw = dict(causal=causal, key_mask=kpm, feature_map=feature_map, local_weight=local, scale=0.7)
     expected = formula(q, k, v, kpm=kpm, **{n: kw[n] for n in ("causal", "feature_map", "local_weight", "scale")})
     torch.testing.assert_close(call(q, k, v, "reference", **kw), expected, atol=1e-12, rtol=1e-12)
     for chunk in (1, 4, 64):
@@ -145,7 +145,7 @@ def test_causal_token_loop_equals_reference_and_chunk(nq, nk, ks):
     kpm[1, -4:] = False
     local = rand(4, 5, ks, seed=8) if ks else None
     loop = recurrent(q, k, v, kpm=kpm, local_weight=local, feature_map="elu")
-    kw = dict(causal=True, key_padding_mask=kpm, local_weight=local, feature_map="elu")
+    kw = dict(causal=True, key_mask=kpm, local_weight=local, feature_map="elu")
     torch.testing.assert_close(call(q, k, v, "reference", **kw), loop, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(call(q, k, v, "chunk", chunk=5, **kw), loop, atol=1e-12, rtol=1e-12)
 
@@ -175,7 +175,7 @@ def test_rows_of_the_weights_sum_to_one(causal):
     q, k, v = rand(2, 2, 12, 8, seed=11), rand(2, 2, 9, 8, seed=12), rand(2, 2, 9, 4, seed=13)
     kpm = torch.ones(2, 9, dtype=torch.bool)
     kpm[1, :5] = False
-    out, w = call(q, k, v, "reference", causal=causal, key_padding_mask=kpm, return_weights=True, scale=4.0)
+    out, w = call(q, k, v, "reference", causal=causal, key_mask=kpm, return_weights=True, scale=4.0)
     visible = kpm.view(2, 1, 1, 9).expand(2, 2, 12, 9).clone()
     if causal:
         visible &= torch.ones(12, 9, dtype=torch.bool).tril(diagonal=9 - 12)
@@ -268,7 +268,7 @@ def test_nothing_visible_gives_zeros_and_finite_gradients():
     kpm[1] = False  # the second sequence is all padding
     w = rand(2, 3, 3, seed=35)
     for impl in ("reference", "chunk"):
-        out = call(q, k, v, impl, causal=True, key_padding_mask=kpm, local_weight=w)
+        out = call(q, k, v, impl, causal=True, key_mask=kpm, local_weight=w)
         assert (out[:, :, :3] == 0).all()  # causal, Nq > Nk: the first Nq - Nk queries see nothing
         assert (out[1] == 0).all()
         grads = torch.autograd.grad(out.sum(), (q, k, v))
@@ -285,6 +285,8 @@ def test_bad_options_raise():
         az.attention(q, k, v, method="inline", causal=True, local_weight=torch.ones(3, 8, 3, dtype=torch.float64))
     with pytest.raises(az.AttentionInputError, match="does not take a mask"):
         az.attention(q, k, v, method="inline", mask=torch.ones(4, 6, dtype=torch.bool))
+    with pytest.raises(az.AttentionInputError, match="option chunk must be a positive int"):
+        az.attention(q, k, v, method="inline", causal=True, chunk=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -109,7 +109,7 @@ def test_landmark_fast_matches_reference_float64(causal, nq, nk, padded):
     res = []
     for impl in ("reference", "gather"):
         qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        out = az.attention(qq, kk, vv, method="landmark", impl=impl, causal=causal, key_padding_mask=kpm, mask=mask,
+        out = az.attention(qq, kk, vv, method="landmark", impl=impl, causal=causal, key_mask=kpm, mask=mask,
                            cross=nq != nk, block_size=8, topk=2)
         res.append([out, *torch.autograd.grad(out, (qq, kk, vv), dout)])
     for a, b in zip(*res):
@@ -175,7 +175,7 @@ def brute_grouped_weights(q, k, kpm, causal, bs, scale, landmarks=None):
 def test_landmark_grouped_softmax_equals_brute_force(causal, nq, nk):
     q, k, v = _inputs(2, 2, 1, nq, nk, D=8)
     kpm = _padding(2, nk)
-    out, w = az.attention(q, k, v, method="landmark", mode="grouped", causal=causal, key_padding_mask=kpm,
+    out, w = az.attention(q, k, v, method="landmark", mode="grouped", causal=causal, key_mask=kpm,
                           cross=nq != nk, block_size=8, return_weights=True)
     want = brute_grouped_weights(q, k, kpm, causal, 8, 8 ** -0.5)
     torch.testing.assert_close(w, want, atol=1e-12, rtol=1e-10)
@@ -227,15 +227,15 @@ def test_landmark_causal_alignment_lower_right():
 def test_landmark_padding_is_ignored_and_empty_rows_are_zero(impl):
     q, k, v = _inputs(2, 2, 2, 40, 40)
     kpm = _padding(2, 40)
-    a = az.attention(q, k, v, method="landmark", impl=impl, causal=True, key_padding_mask=kpm, block_size=8, topk=2)
+    a = az.attention(q, k, v, method="landmark", impl=impl, causal=True, key_mask=kpm, block_size=8, topk=2)
     k2, v2 = k.clone(), v.clone()
     k2[~kpm[:, None, :, None].expand_as(k)] = 50.0
     v2[~kpm[:, None, :, None].expand_as(v)] = 1e3
-    b = az.attention(q, k2, v2, method="landmark", impl=impl, causal=True, key_padding_mask=kpm, block_size=8, topk=2)
+    b = az.attention(q, k2, v2, method="landmark", impl=impl, causal=True, key_mask=kpm, block_size=8, topk=2)
     torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     kpm0 = torch.zeros(2, 40, dtype=torch.bool)
     kpm0[:, 10:] = True  # queries 0..9 see only padding
-    z = az.attention(q, k, v, method="landmark", impl=impl, causal=True, key_padding_mask=kpm0, block_size=8, topk=2)
+    z = az.attention(q, k, v, method="landmark", impl=impl, causal=True, key_mask=kpm0, block_size=8, topk=2)
     assert torch.isfinite(z).all() and z[:, :, :10].abs().max() == 0
 
 
@@ -367,7 +367,7 @@ def test_hip_fast_matches_reference_float64(causal, nq, nk, rep):
     res = []
     for impl in ("reference", "block"):
         qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        out = az.attention(qq, kk, vv, method="hip", impl=impl, causal=causal, key_padding_mask=kpm, mask=mask,
+        out = az.attention(qq, kk, vv, method="hip", impl=impl, causal=causal, key_mask=kpm, mask=mask,
                            cross=nq != nk, block_size=8, topk=2, representative=rep)
         res.append([out, *torch.autograd.grad(out, (qq, kk, vv), dout)])
     for a, b in zip(*res):
@@ -396,7 +396,7 @@ def test_hip_causal_alignment_and_future_keys():
 def test_hip_padding_is_ignored_and_empty_rows_are_zero(impl):
     q, k, v = _inputs(2, 2, 2, 64, 64)
     kpm = _padding(2, 64)
-    opts = {"method": "hip", "impl": impl, "causal": True, "key_padding_mask": kpm, "block_size": 8, "topk": 2,
+    opts = {"method": "hip", "impl": impl, "causal": True, "key_mask": kpm, "block_size": 8, "topk": 2,
             "representative": "max_norm"}
     a = az.attention(q, k, v, **opts)
     k2, v2 = k.clone(), v.clone()
@@ -405,7 +405,7 @@ def test_hip_padding_is_ignored_and_empty_rows_are_zero(impl):
     torch.testing.assert_close(a, az.attention(q, k2, v2, **opts), atol=1e-12, rtol=1e-12)
     kpm0 = torch.zeros(2, 64, dtype=torch.bool)
     kpm0[:, 20:] = True
-    z = az.attention(q, k, v, **{**opts, "key_padding_mask": kpm0})
+    z = az.attention(q, k, v, **{**opts, "key_mask": kpm0})
     assert torch.isfinite(z).all() and z[:, :, :20].abs().max() == 0
 
 

@@ -43,13 +43,13 @@ def test_cross_attention_and_cross_decoding(method):
     x, memory = torch.randn(2, 9, 32, dtype=torch.float64), torch.randn(2, 13, 24, dtype=torch.float64)
     kpm = torch.ones(2, 13, dtype=torch.bool)
     kpm[1, 10:] = False
-    y = attn(x, context=memory, key_padding_mask=kpm)
+    y = attn(x, context=memory, key_mask=kpm)
     assert y.shape == (2, 9, 32)
     if not az.get(method).rows_independent:  # its rows depend on all the queries together
         with pytest.raises(az.UnsupportedPattern, match="one query at a time"):
-            attn.init_cache(2, context=memory, context_padding_mask=kpm)
+            attn.init_cache(2, context=memory, context_key_mask=kpm)
         return
-    cache = attn.init_cache(2, context=memory, context_padding_mask=kpm)
+    cache = attn.init_cache(2, context=memory, context_key_mask=kpm)
     torch.testing.assert_close(torch.cat([attn.step(x[:, t:t + 1], cache) for t in range(9)], 1), y)
 
 

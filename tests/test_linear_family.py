@@ -212,7 +212,7 @@ def test_aaren_padding_and_module_in_a_layer():
     kpm = torch.ones(2, 20, dtype=torch.bool)
     kpm[0, :3] = False  # the first outputs of sequence 0 see only padding: zeros, not NaN
     for impl in ("reference", "scan"):
-        out = az.attention(q[:, :, :1], k, v, method="aaren", causal=True, key_padding_mask=kpm, impl=impl)
+        out = az.attention(q[:, :, :1], k, v, method="aaren", causal=True, key_mask=kpm, impl=impl)
         assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
         keep = kpm[0]
         torch.testing.assert_close(out[0:1, :, 3:], aaren_rnn(q[0:1, :, :1], k[0:1, :, keep], v[0:1, :, keep], 8 ** -0.5))
@@ -252,7 +252,7 @@ def test_segmented_pipeline_equals_whole(monkeypatch, method, opts):
     kpm[1, 30:45] = False
 
     def run():
-        out = az.attention(q, k, v, method=method, causal=True, key_padding_mask=kpm, impl="chunk", chunk=8, **opts)
+        out = az.attention(q, k, v, method=method, causal=True, key_mask=kpm, impl="chunk", chunk=8, **opts)
         return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
 
     whole = run()
@@ -260,7 +260,7 @@ def test_segmented_pipeline_equals_whole(monkeypatch, method, opts):
     assert linear_scan.segment_length(2, 2, 8, 8) == 24  # 90 tokens: segments of 24, 24, 24, 18
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b)
-    ref = az.attention(q, k, v, method=method, causal=True, key_padding_mask=kpm, impl="reference", **opts)
+    ref = az.attention(q, k, v, method=method, causal=True, key_mask=kpm, impl="reference", **opts)
     torch.testing.assert_close(whole[0], ref)
 
 
@@ -300,3 +300,25 @@ def test_cosformer_length_must_cover_the_sequence():
     decoding.step("linear", st, q[:, :, :4], k[:, :, :4], v[:, :, :4], feature_map="cosformer", cosformer_len=4)
     with pytest.raises(az.AttentionInputError, match="decoding past cosformer_len=4"):
         decoding.step("linear", st, q[:, :, 4:5], k[:, :, 4:5], v[:, :, 4:5], feature_map="cosformer", cosformer_len=4)
+
+
+@pytest.mark.parametrize("method,opts,match", [
+    ("linear", {"chunk": 0}, "option chunk must be a positive int"),
+    ("hedgehog", {"chunk": -3}, "option chunk must be a positive int"),
+    ("lightning", {"chunk": 0}, "option chunk must be a positive int"),
+    ("aaren", {"chunk": 0}, "option chunk must be a positive int"),
+    ("linear", {"feature_map": "favor", "favor_features": 0}, "option favor_features must be a positive int"),
+    ("linear", {"feature_map": "cosformer", "cosformer_len": 0}, "option cosformer_len must be a positive int"),
+    ("lightning", {"decay": 1.5}, r"decay must be one value or one per head, in \(0, 1\]"),
+    ("lightning", {"decay": (0.5, 0.0)}, r"decay must be one value or one per head, in \(0, 1\]"),
+    ("lightning", {"layer_ratio": 1.5}, r"layer_ratio must be l / L of the layer, in \[0, 1\]"),
+])
+def test_bad_options_raise_when_validated(method, opts, match):
+    """Values the maths cannot take are refused by the options, before any call is run
+    (a chunk of 0 used to run silently with chunks of 1, a layer ratio above 1 gave
+    decays above 1)."""
+    with pytest.raises(az.AttentionInputError, match=match):
+        az.get(method).resolve_options(opts)
+    q, k, v = qkv(N=6)
+    with pytest.raises(az.AttentionInputError, match=match):
+        az.attention(q[:, :, :1] if method == "aaren" else q, k, v, method=method, causal=True, **opts)

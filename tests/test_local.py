@@ -131,6 +131,7 @@ def test_kernel_takes_per_sequence_layouts():
     torch.testing.assert_close(out[1], az.attention(q[1:], k[1:], v[1:], mask=m1)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not masks.flex_available(), reason="FlexAttention missing from this torch build")
 def test_flex_paths_of_pattern_methods_equal_their_references():
     """Every pattern-defined method's FlexAttention path (compiled; CPU inference) runs the
@@ -147,9 +148,9 @@ def test_flex_paths_of_pattern_methods_equal_their_references():
     ]
     with torch.no_grad():
         for method, opts, causal in cases:
-            expected = az.attention(q, k, v, method=method, causal=causal, key_padding_mask=kpm, impl="reference",
+            expected = az.attention(q, k, v, method=method, causal=causal, key_mask=kpm, impl="reference",
                                     **opts)
-            got = az.attention(q, k, v, method=method, causal=causal, key_padding_mask=kpm, impl="flex", **opts)
+            got = az.attention(q, k, v, method=method, causal=causal, key_mask=kpm, impl="flex", **opts)
             torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5, msg=method)
 
 

@@ -55,12 +55,12 @@ def test_modality_mutual():
 
 
 def test_and_or_padding_and_heads():
-    kpm = torch.tensor([[True, True, False, True]])
+    padded = torch.tensor([[False, False, True, False]])  # nn.MultiheadAttention's meaning: True = padding
     per_head = lambda b, h, q, kv: (kv % 2) == (h % 2)  # noqa: E731
-    mod = masks.or_masks(masks.and_masks(masks.causal_mask(), masks.padding_mask(kpm)), per_head)
+    mod = masks.or_masks(masks.and_masks(masks.causal_mask(), masks.padding_mask(padded)), per_head)
     got = masks.dense_mask(mod, 1, 2, 4, 4)
     for h in range(2):
-        want = brute(lambda i, j: (j <= i and bool(kpm[0, j])) or j % 2 == h % 2, 4, 4)
+        want = brute(lambda i, j: (j <= i and not bool(padded[0, j])) or j % 2 == h % 2, 4, 4)
         assert torch.equal(got[0, h], want)
     with pytest.raises(az.AttentionInputError):
         masks.and_masks()
@@ -90,6 +90,7 @@ def test_mask_mod_as_attention_mask():
                                az.attention(q, q, q, mask=masks.dense_mask(mod, 1, 2, 12, 12)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not masks.flex_available(), reason="FlexAttention missing from this torch build")
 def test_flex_block_mask_from_same_function_and_flex_impl():
     """The FlexAttention BlockMask comes from the same mask_mod; the flex impl (compiled,

@@ -223,7 +223,7 @@ def test_gather_equals_reference_float64(cfg, heads, padding, block_q):
         kpm[0, ::5] = False
     res = []
     for impl, extra in (("reference", {}), ("gather", {"block_q": block_q})):
-        out = az.attention(q, k, v, method="neighborhood", impl=impl, causal=causal, key_padding_mask=kpm,
+        out = az.attention(q, k, v, method="neighborhood", impl=impl, causal=causal, key_mask=kpm,
                            **cfg, **extra)
         res.append([out, *torch.autograd.grad(out, (q, k, v), dout)])
     for name, a, b in zip(("out", "dq", "dk", "dv"), *res):
@@ -277,7 +277,7 @@ def test_gather_gradcheck():
     for kw in ({"kernel_size": 3, "dilation": 2}, {"kernel_size": 3, "causal": True, "dilation": 2},
                {"kernel_size": 3, "grid": (3, 4)}):
         def fn(a, b, c, kw=kw):
-            return az.attention(a, b, c, method="neighborhood", impl="gather", key_padding_mask=kpm, block_q=5, **kw)
+            return az.attention(a, b, c, method="neighborhood", impl="gather", key_mask=kpm, block_q=5, **kw)
 
         assert torch.autograd.gradcheck(fn, (q, k, v))
 

@@ -81,7 +81,7 @@ def test_routing_selection_equals_brute_force(nq, nk, C):
     mu = routing.init_centroids(4, C, 8)
     kpm = torch.ones(2, nk, dtype=torch.bool)
     kpm[1, nk // 2:] = False
-    q_idx, k_idx = routing.route(q, k, centroids=mu, key_padding_mask=kpm)
+    q_idx, k_idx = routing.route(q, k, centroids=mu, key_mask=kpm)
     wq, wk = min(nq, math.ceil(nq / C)), min(nk, math.ceil(nk / C))
     assert q_idx.shape == (2, 4, C, wq) and k_idx.shape == (2, 4, C, wk)
     assert torch.equal(q_idx, brute_members(q, mu, wq))
@@ -119,7 +119,7 @@ def test_routing_fast_equals_reference_and_brute_float64(causal, nq, nk):
     kpm = torch.ones(2, nk, dtype=torch.bool)
     kpm[0, -nk // 4:] = False
     mask = rand(1, 4, nq, nk, seed=9) > -1.0
-    opts = dict(method="routing", causal=causal, key_padding_mask=kpm, mask=mask, centroids=mu)
+    opts = dict(method="routing", causal=causal, key_mask=kpm, mask=mask, centroids=mu)
     fast = grads(lambda a, b, c: az.attention(a, b, c, impl="cluster", **opts), q, k, v)
     ref = grads(lambda a, b, c: az.attention(a, b, c, impl="reference", **opts), q, k, v)
     for f, r in zip(fast, ref):
@@ -155,8 +155,8 @@ def test_routing_padding_never_matters_and_empty_rows_are_zero():
     k2[1, :, 20:], v2[1, :, 20:] = rand(2, 30, 8, seed=8) * 5, rand(2, 30, 8, seed=9) * 5
     for impl in ("cluster", "reference"):
         for causal in (False, True):
-            a = az.attention(q, k, v, method="routing", impl=impl, causal=causal, key_padding_mask=kpm)
-            b = az.attention(q, k2, v2, method="routing", impl=impl, causal=causal, key_padding_mask=kpm)
+            a = az.attention(q, k, v, method="routing", impl=impl, causal=causal, key_mask=kpm)
+            b = az.attention(q, k2, v2, method="routing", impl=impl, causal=causal, key_mask=kpm)
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     # causal with Nq > Nk: the first queries see no key at all -> zeros, finite gradients
     q, k, v = rand(1, 2, 40, 8, seed=1), rand(1, 2, 10, 8, seed=2), rand(1, 2, 10, 8, seed=3)
@@ -190,6 +190,28 @@ def test_routing_module_updates_centroids_by_ema_in_training_only():
                 expected[h, c] = F.normalize(0.9 * mu0[h, c] + 0.1 * mean, dim=0)
     torch.testing.assert_close(mod.centroids, expected, atol=1e-6, rtol=1e-6)
     assert not torch.equal(mod.centroids, mu0)
+
+
+def test_routing_module_update_leaves_padded_keys_out():
+    """The EMA update counts the real keys only, whichever way the padding is given:
+    ``key_mask`` (True = real key) or ``key_padding_mask`` (True = padding, as in
+    ``nn.MultiheadAttention``)."""
+    q, k, v = rand(2, 2, 20, 8, seed=1), rand(2, 1, 20, 8, seed=2), rand(2, 1, 20, 8, seed=3)
+    real = torch.ones(2, 20, dtype=torch.bool)
+    real[1, 12:] = False
+
+    def module():
+        return routing.RoutingAttention(heads=2, head_dim=8, kv_heads=1, num_clusters=3, decay=0.5)
+
+    expected = module()
+    expected.update_centroids(q, k, key_mask=real)
+    for kw in ({"key_mask": real}, {"key_padding_mask": ~real}):
+        mod = module().train()
+        mod(q, k, v, **kw)
+        torch.testing.assert_close(mod.centroids, expected.centroids)
+    unmasked = module()
+    unmasked.update_centroids(q, k)  # the padded keys would move the centroids elsewhere
+    assert not torch.allclose(unmasked.centroids, expected.centroids)
 
 
 def test_routing_reports_density_and_never_allocates_n_by_n():
@@ -277,11 +299,11 @@ def test_bilevel_selection_fast_reference_and_brute_1d(causal, nq, nk, R, topk):
     q, k, v = rand(2, 4, nq, 8, seed=1), rand(2, 2, nk, 8, seed=2), rand(2, 2, nk, 6, seed=3)
     kpm = torch.ones(2, nk, dtype=torch.bool)
     kpm[1, nk // 3:] = False
-    idx, valid = bilevel_routing.route(q, k, causal=causal, key_padding_mask=kpm, R=R, perm=None, topk=topk)
+    idx, valid = bilevel_routing.route(q, k, causal=causal, key_mask=kpm, R=R, perm=None, topk=topk)
     got = torch.zeros(2, 4, math.ceil(nq / R), math.ceil(nk / R), dtype=torch.bool).scatter_(-1, idx, valid)
     sel = brute_regions_1d(q, k, R, topk, causal, kpm)
     assert torch.equal(got, sel)
-    opts = dict(method="bilevel_routing", causal=causal, key_padding_mask=kpm, region_size=R, topk=topk)
+    opts = dict(method="bilevel_routing", causal=causal, key_mask=kpm, region_size=R, topk=topk)
     fast = grads(lambda a, b, c: az.attention(a, b, c, impl="block", **opts), q, k, v)
     ref = grads(lambda a, b, c: az.attention(a, b, c, impl="reference", **opts), q, k, v)
     for f, r in zip(fast, ref):
@@ -294,7 +316,7 @@ def test_bilevel_selection_fast_reference_and_brute_1d(causal, nq, nk, R, topk):
 
 def test_bilevel_ties_go_to_the_lower_region():
     q = torch.ones(1, 1, 16, 4, dtype=torch.float64)
-    idx, valid = bilevel_routing.route(q, q, causal=False, key_padding_mask=None, R=4, perm=None, topk=2)
+    idx, valid = bilevel_routing.route(q, q, causal=False, key_mask=None, R=4, perm=None, topk=2)
     assert torch.equal(idx, torch.tensor([0, 1]).expand(1, 1, 4, 2)) and bool(valid.all())
 
 
@@ -335,7 +357,7 @@ def test_bilevel_padding_never_matters():
     k2[0, :, 25:], v2[0, :, 25:] = rand(2, 15, 8, seed=7) * 9, rand(2, 15, 8, seed=8) * 9
     for impl in ("block", "reference"):
         for causal in (False, True):
-            o = dict(method="bilevel_routing", impl=impl, causal=causal, key_padding_mask=kpm, region_size=8, topk=2)
+            o = dict(method="bilevel_routing", impl=impl, causal=causal, key_mask=kpm, region_size=8, topk=2)
             torch.testing.assert_close(az.attention(q, k, v, **o), az.attention(q, k2, v2, **o), atol=1e-12, rtol=1e-12)
 
 
@@ -348,7 +370,7 @@ def test_bilevel_density_and_never_allocates_n_by_n():
         out.sum().backward()
     assert probe.largest < N * N // 4, probe.largest
     # brute density: keys of the selected regions visible to each query over its visible keys
-    idx, valid = bilevel_routing.route(q, k, causal=True, key_padding_mask=None, R=R, perm=None, topk=topk)
+    idx, valid = bilevel_routing.route(q, k, causal=True, key_mask=None, R=R, perm=None, topk=topk)
     pos = torch.arange(N)
     reg_start = (idx[0, 0] * R).repeat_interleave(R, 0)  # (N, K)
     cnt = ((torch.minimum(reg_start + R, pos.view(-1, 1) + 1) - reg_start).clamp(min=0)
@@ -371,7 +393,7 @@ def test_density_counts_real_visible_keys_and_reports_unrouted_queries():
     kpm = torch.ones(1, 16, dtype=torch.bool)
     kpm[0, 8:] = False
     with stats.collect() as rec:  # one cluster holds every token: every real key is attended
-        az.attention(q, k, v, method="routing", key_padding_mask=kpm, num_clusters=1, impl="cluster")
+        az.attention(q, k, v, method="routing", key_mask=kpm, num_clusters=1, impl="cluster")
     assert rec["density"] == [pytest.approx(1.0)] and rec["unrouted"] == [pytest.approx(0.0)]
     with stats.collect() as rec:  # causal cross with Nq > Nk: rows that see nothing are skipped
         az.attention(q, k[:, :, :8], v[:, :, :8], method="routing", causal=True, num_clusters=1, impl="cluster")
@@ -381,7 +403,7 @@ def test_density_counts_real_visible_keys_and_reports_unrouted_queries():
                      impl="block")
     assert rec["density"] == [pytest.approx(1.0)]
     with stats.collect() as rec:
-        az.attention(q, k, v, method="bilevel_routing", key_padding_mask=kpm, region_size=4, topk=4, impl="block")
+        az.attention(q, k, v, method="bilevel_routing", key_mask=kpm, region_size=4, topk=4, impl="block")
     assert rec["density"] == [pytest.approx(1.0)]
 
 
@@ -527,7 +549,7 @@ def test_bilevel_ties_agree_between_reference_and_fast():
         ref = grads(lambda a, b, c: az.attention(a, b, c, impl="reference", **opts), q, k, v)
         for f, r in zip(fast, ref):
             torch.testing.assert_close(f, r, atol=1e-10, rtol=1e-10)
-        idx, valid = bilevel_routing.route(q, k, causal=causal, key_padding_mask=None, R=8, perm=None, topk=2)
+        idx, valid = bilevel_routing.route(q, k, causal=causal, key_mask=None, R=8, perm=None, topk=2)
         if not causal:
             assert torch.equal(idx, torch.tensor([0, 1]).expand(1, 2, 6, 2))
 
@@ -573,7 +595,7 @@ def test_reference_and_fast_select_alike_over_many_draws(method, impl):
         k, v = k[:, :2], v[:, :2]
         kpm = torch.rand(2, nk, generator=g) > 0.2
         for dtype in (torch.float32, torch.bfloat16):
-            opts = dict(method=method, causal=bool(seed % 3), key_padding_mask=kpm, **az.get(method).sized_options(nk))
+            opts = dict(method=method, causal=bool(seed % 3), key_mask=kpm, **az.get(method).sized_options(nk))
             a, b, c = (t.to(dtype) for t in (q, k, v))
             fast = az.attention(a, b, c, impl=impl, **opts).float()
             ref = az.attention(a, b, c, impl="reference", **opts).float()

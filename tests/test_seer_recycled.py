@@ -93,7 +93,7 @@ def test_seer_selection_equals_brute_force(case, weights, mode):
     gq = torch.randn(Hq, D, Dg, generator=g, dtype=torch.float64) if weights else None
     gk = torch.randn(Hq, 3 * D, Dg, generator=g, dtype=torch.float64) if weights else None
     opts = {"topk": 3, "threshold": None} if mode == "topk" else {"topk": 3, "threshold": 0.15}
-    got = seer.select_blocks(q, k, causal=causal, key_padding_mask=kpm, block_size=block, gate_q=gq, gate_k=gk,
+    got = seer.select_blocks(q, k, causal=causal, key_mask=kpm, block_size=block, gate_q=gq, gate_k=gk,
                              **opts)
     expected = brute_select(q, k, block=block, causal=causal, kpm=kpm, gq=gq, gk=gk, **opts)
     assert torch.equal(got, expected)
@@ -128,7 +128,7 @@ def test_seer_fast_equals_reference_float64_with_grads(causal, shape, extra):
     if extra == "padding":
         kpm = torch.ones(B, Nk, dtype=torch.bool)
         kpm[-1, Nk // 3:] = False
-        opts["key_padding_mask"] = kpm
+        opts["key_mask"] = kpm
     if extra == "mask":
         opts["mask"] = torch.rand(1, Hq, Nq, Nk, generator=torch.Generator().manual_seed(9)) > 0.2
     if extra == "weights":
@@ -190,14 +190,14 @@ def test_seer_padding_is_respected():
     v2[~kpm.view(2, 1, 80).expand(2, 2, 80)] = 1e6
     for causal in (False, True):
         for impl in ("reference", "block"):
-            got = az.attention(q, k2, v2, method="seer", impl=impl, key_padding_mask=kpm, block_size=8, topk=2,
+            got = az.attention(q, k2, v2, method="seer", impl=impl, key_mask=kpm, block_size=8, topk=2,
                                causal=causal)
-            expected = az.attention(q, k, v, method="seer", impl=impl, key_padding_mask=kpm, block_size=8, topk=2,
+            expected = az.attention(q, k, v, method="seer", impl=impl, key_mask=kpm, block_size=8, topk=2,
                                     causal=causal)
             torch.testing.assert_close(got, expected)
-        lay = seer.select_blocks(q, k2, key_padding_mask=kpm, block_size=8, topk=2, causal=causal)
+        lay = seer.select_blocks(q, k2, key_mask=kpm, block_size=8, topk=2, causal=causal)
         assert not lay[1, ..., 7:].any()  # blocks of padding only are never kept
-        _, w = az.attention(q, k2, v2, method="seer", impl="reference", key_padding_mask=kpm, block_size=8, topk=2,
+        _, w = az.attention(q, k2, v2, method="seer", impl="reference", key_mask=kpm, block_size=8, topk=2,
                             causal=causal, return_weights=True)
         assert (w[~kpm.view(2, 1, 1, 80).expand_as(w)] == 0).all()
 
@@ -209,7 +209,7 @@ def test_seer_fully_masked_rows_give_zeros():
     mask = torch.ones(1, 1, 20, 20, dtype=torch.bool)
     mask[..., 5, :] = False  # a row with nothing allowed
     for impl in ("reference", "block"):
-        out = az.attention(q, k, v, method="seer", impl=impl, causal=True, key_padding_mask=kpm, mask=mask,
+        out = az.attention(q, k, v, method="seer", impl=impl, causal=True, key_mask=kpm, mask=mask,
                            block_size=8, topk=1)
         assert torch.isfinite(out).all()
         assert (out[1] == 0).all() and (out[0, :, 5] == 0).all() and (out[0, :, 6] != 0).any()
@@ -548,7 +548,7 @@ def test_seer_reference_and_fast_select_alike_over_many_draws(threshold):
         if seed % 4 == 0:
             gates = {"gate_q": torch.randn(4, 16, 8, generator=g), "gate_k": torch.randn(4, 48, 8, generator=g)}
         for dtype in (torch.float32, torch.bfloat16):
-            opts = dict(method="seer", causal=bool(seed % 3), key_padding_mask=kpm, threshold=threshold, **gates,
+            opts = dict(method="seer", causal=bool(seed % 3), key_mask=kpm, threshold=threshold, **gates,
                         **az.get("seer").sized_options(nk))
             a, b, c = (t.to(dtype) for t in (q, k, v))
             fast = az.attention(a, b, c, impl="block", **opts).float()

@@ -57,7 +57,7 @@ def test_matches_torch_sdpa_property(batch, kv_heads, groups, q_len, kv_len, hea
     kpm = (torch.rand(batch, kv_len, generator=g) < 0.8) if padded else None
     expected = torch_sdpa(q, k, v, causal, mask, kpm)
     for impl in IMPLS:
-        out = az.attention(q, k, v, causal=causal, mask=mask, key_padding_mask=kpm, impl=impl,
+        out = az.attention(q, k, v, causal=causal, mask=mask, key_mask=kpm, impl=impl,
                            **({"block_q": 16, "block_k": 16} if impl == "tiled" else {}))
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5, msg=f"impl={impl}")
         assert not torch.isnan(out).any()
@@ -189,7 +189,7 @@ def test_tiled_softcap_gradients_match_reference(causal, padded):
 
     def grads(impl):
         qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        out = az.attention(qq, kk, vv, softcap=2.0, causal=causal, key_padding_mask=kpm, impl=impl,
+        out = az.attention(qq, kk, vv, softcap=2.0, causal=causal, key_mask=kpm, impl=impl,
                            **({"block_q": 16, "block_k": 16} if impl == "tiled" else {}))
         return [out, *torch.autograd.grad(out.square().sum(), (qq, kk, vv))]
 

@@ -109,7 +109,7 @@ def test_reference_and_nystrom_equal_the_formula(case, padding):
         kpm[-1, ::3] = False
     # landmarks averaged over a few tokens lie close together: B has condition numbers up to
     # ~2000 here, which takes Newton–Raphson more than the default 20 steps to resolve
-    opts = dict(num_landmarks=m, key_padding_mask=kpm, newton_iters=40)
+    opts = dict(num_landmarks=m, key_mask=kpm, newton_iters=40)
     expected = formula(q, k, v, num_landmarks=m, kpm=kpm)
     for impl in ("reference", "nystrom"):
         torch.testing.assert_close(call(q, k, v, impl, **opts), expected, atol=1e-10, rtol=1e-10)
@@ -163,12 +163,12 @@ def test_padded_keys_drop_out():
     k2, v2 = k.clone(), v.clone()
     k2[0, :, 9:], v2[0, :, 9:] = 100.0, -7.0  # the padded keys' content does not matter
     for impl in ("reference", "nystrom"):
-        a = call(q, k, v, impl, key_padding_mask=kpm, num_landmarks=4)
-        torch.testing.assert_close(call(q, k2, v2, impl, key_padding_mask=kpm, num_landmarks=4), a)
+        a = call(q, k, v, impl, key_mask=kpm, num_landmarks=4)
+        torch.testing.assert_close(call(q, k2, v2, impl, key_mask=kpm, num_landmarks=4), a)
         torch.testing.assert_close(a[:1], call(q[:1], k[:1, :, :9], v[:1, :, :9], impl, num_landmarks=4))
         assert (a[1] == 0).all()
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-        grads = torch.autograd.grad(call(qg, kg, vg, impl, key_padding_mask=kpm, num_landmarks=4).sum(), (qg, kg, vg))
+        grads = torch.autograd.grad(call(qg, kg, vg, impl, key_mask=kpm, num_landmarks=4).sum(), (qg, kg, vg))
         assert all(torch.isfinite(g).all() for g in grads)
 
 

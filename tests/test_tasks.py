@@ -224,12 +224,14 @@ def test_run_task_tiny(task, method, setting):
     assert again["accuracy"] == out["accuracy"] and again["loss"] == out["loss"], "deterministic"
 
 
+@pytest.mark.slow
 def test_run_task_learns_copy():
     out = run_task(TaskCase("copy", "softmax", 8, vocab_size=6, d_model=16, heads=2, steps=60, batch_size=16,
                             eval_examples=32, lr=1e-2))
     assert out["accuracy"] > 0.6 > out["chance"]
 
 
+@pytest.mark.slow
 def test_quick_config_tasks_are_learnt_by_softmax_and_not_by_a_short_window():
     """The quick settings say something: exact attention learns every task (CAB's four and
     MQAR), and a sliding window of N/4 — which cannot see the lookups — stays far below

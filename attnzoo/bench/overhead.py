@@ -33,6 +33,7 @@ def overhead(methods: Iterable[str] = ("softmax",), *, rounds: int = 15, calls: 
     """One row per method: ``{"method", "impl", "attnzoo_us", "sdpa_us", "ratio", "spread"}``
     (medians over rounds; ``spread`` = (max - min) / median of the per-round ratios)."""
     from .. import registry
+    from ..api import attention
 
     if threads:
         torch.set_num_threads(threads)
@@ -41,11 +42,11 @@ def overhead(methods: Iterable[str] = ("softmax",), *, rounds: int = 15, calls: 
     rows = []
     for name in methods:
         spec = registry.get(name)
-        qq = q
+        causal = "noncausal_self" not in spec.patterns  # e.g. lightning has causal forms only
         options = spec.sized_options(1)
-        call = spec.check(qq, k, v, causal=False, **options)
+        call = spec.check(q, k, v, causal=causal, **options)
         impl = spec.select("auto", call).name
-        ours = lambda: registry.get(name)(qq, k, v, **options)  # noqa: E731 - the whole path, lookup included
+        ours = lambda: attention(q, k, v, method=name, causal=causal, **options)  # noqa: E731 - the whole path
         base = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
         with torch.no_grad():
             for fn in (ours, base):  # warm up

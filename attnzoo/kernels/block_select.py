@@ -14,10 +14,11 @@ of ``Nq`` sits at the aligned key position ``i + Nk - Nq`` (lower-right, DESIGN.
 
 Selection arithmetic: q and k are rounded to float32 (so a float64 and a float32 run on
 the same rounded values choose the same blocks), then scores are formed in float64.
-Products of two float32 numbers are exact in float64, so a score carries a relative
-error of about 1e-16 whatever the summation order: a vectorised selection and a loop
-written differently order the candidates identically except at exact ties, which every
-selection breaks the same documented way (lower index first).
+Products of two float32 numbers are exact in float64; only the sums are rounded, so two
+programs that sum in different orders differ by a few float64 ulps (about 1e-16
+relative). A vectorised selection and a loop written differently therefore order the
+candidates identically except when two scores lie within those few ulps of each other;
+exact ties every selection breaks the same documented way (lower index first).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import AttentionInputError
 from .common import compute_dtype, repeat_kv
 
 DEFAULT_CHUNK = 64
@@ -46,14 +47,10 @@ FeatureMap = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 OUTPUTS = ("normalize", "rms", None)
 
 
-def decay_tensor(decay, heads: int, device, dtype) -> Optional[torch.Tensor]:
-    """``decay`` (None, a float, or ``(H,)``) -> ``(H,)`` tensor, or None for no decay."""
-    if decay is None:
-        return None
-    d = torch.as_tensor(decay, dtype=dtype, device=device).flatten()
-    if d.numel() == 1:
-        d = d.expand(heads)
-    return d
+def check_chunk(chunk: int) -> None:
+    """The ``chunk`` option of a method built on these scans (tokens per chunk): >= 1."""
+    if chunk < 1:
+        raise AttentionInputError(f"option chunk must be a positive int (tokens per chunk), got {chunk!r}")
 
 
 def noncausal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -138,11 +138,12 @@ def modality_mutual_mask(
 
 
 def padding_mask(key_padding_mask: torch.Tensor) -> MaskMod:
-    """Key padding as a mask_mod: ``key_padding_mask`` is ``(B, Nk)`` bool, True = real token."""
-    kpm = key_padding_mask
+    """Key padding as a mask_mod: ``key_padding_mask`` is ``(B, Nk)`` bool with
+    ``nn.MultiheadAttention``'s meaning, True = padding (never attended)."""
+    keep = ~key_padding_mask
 
     def padding(b, h, q_idx, kv_idx):
-        return kpm[b, kv_idx]
+        return keep[b, kv_idx]
 
     return padding
 

@@ -32,13 +32,9 @@ from typing import Optional
 
 import torch
 
+from .block_select import selection_values as selection_input  # noqa: F401 (x detached, rounded to float32, in float64)
 from .dense import softmax_attention
 from .masking import dense_mask
-
-
-def selection_input(x: torch.Tensor) -> torch.Tensor:
-    """``x`` detached and rounded to float32, held in float64 (the selection's arithmetic)."""
-    return x.detach().to(torch.float32).to(torch.float64)
 
 
 def selection_scores(s: torch.Tensor) -> torch.Tensor:

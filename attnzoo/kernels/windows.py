@@ -1,6 +1,6 @@
 """What the window methods share: analytic block layouts of sliding and dilated windows,
-the three ways to run softmax attention restricted to a pattern (dense, block-sparse,
-FlexAttention), and MoA's decoding cache.
+and the ways to run softmax attention restricted to a pattern (dense, block-sparse,
+FlexAttention, bands of contiguous keys).
 
 A *pattern* is a method's own mask_mod (a window, a dilated window, a neighbourhood).
 It is combined by AND with the call's causal structure, dense mask or mask_mod and key
@@ -22,12 +22,11 @@ equal :func:`attnzoo.kernels.masking.block_layout` of the pattern.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
 from .blocksparse import block_indices, block_sparse_attention
-from .caches import WindowCache
 from .common import BLOCK_ELEMENTS, compute_dtype
 from .dense import masked_softmax, softmax_attention
 from .flex import flex_attention
@@ -197,15 +196,3 @@ def band_attention(q, k, v, call, pattern, key_ranges, rows: int):
         return (p @ vb.to(ct).unsqueeze(2)).reshape(B, Hq, n, -1).to(q.dtype)
 
     return segmented(chunk, plan, q, k, v)
-
-
-# ------------------------------------------------------------------------------- caches
-
-
-class MoACache(WindowCache):
-    """The sinks and the last ``max_h w_h`` tokens (MoA's per-head spans); ``max_len``
-    fixes the spans when they grow with the length (β != 0)."""
-
-    def __init__(self, *args, max_len: Optional[int] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_len = max_len

@@ -28,9 +28,8 @@ import torch
 
 from ...kernels.caches import Decoder, RecurrentState
 from ...kernels.common import compute_dtype, repeat_kv
+from ...kernels.linear_scan import DEFAULT_CHUNK, check_chunk
 from ...registry import MethodOptions, method
-
-DEFAULT_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,17 @@ class AarenOptions(MethodOptions):
 
     chunk: int = DEFAULT_CHUNK
 
+    def validate(self) -> None:
+        check_chunk(self.chunk)
 
-def _scores(q, k, v, key_padding_mask, scale):
+
+def _scores(q, k, v, key_mask, scale):
     ct = compute_dtype(q.dtype)
     Hq = q.shape[1]
     kk, vv = repeat_kv(k, Hq).to(ct), repeat_kv(v, Hq).to(ct)
     s = (kk @ q.to(ct).transpose(-1, -2)).squeeze(-1) * scale  # (B, Hq, Nk)
-    if key_padding_mask is not None:
-        s = s.masked_fill(~key_padding_mask.view(k.shape[0], 1, -1), float("-inf"))
+    if key_mask is not None:  # True = real key
+        s = s.masked_fill(~key_mask.view(k.shape[0], 1, -1), float("-inf"))
     return s, vv
 
 

@@ -99,8 +99,9 @@ class AgentOptions(MethodOptions):
 
     @classmethod
     def for_length(cls, n: int) -> dict:
-        """A quarter of the tokens as agents at short lengths, the default 16 from 64 on."""
-        return {"num_agents": min(16, max(2, n // 4))}
+        """About a quarter of the tokens as agents at short lengths, the default 16 from 64 on;
+        always a perfect square (4, 9 or 16), so a 2-D call (``grid=``) takes it as it is."""
+        return {"num_agents": min(4, max(2, math.isqrt(n // 4))) ** 2}
 
 
 # --------------------------------------------------------------------------- checks
@@ -159,12 +160,7 @@ def _dwc_kernel(dwc_weight, v, grid, ct):
 def _biases(agent_bias, B, H, Nq, Nk, n, ct):
     if agent_bias is None:
         return None, None
-    if not isinstance(agent_bias, (tuple, list)) or len(agent_bias) != 2:
-        raise AttentionInputError(
-            f"agent_bias must be a pair (B_agg, B_bcast) of tensors broadcastable to (B, Hq, n, Nk) and "
-            f"(B, Hq, Nq, n) (either may be None), got {type(agent_bias).__name__}"
-        )
-    out = []
+    out = []  # a pair: AgentOptions.validate checked it
     for name, b, shape in (("agent_bias[0]", agent_bias[0], (B, H, n, Nk)), ("agent_bias[1]", agent_bias[1], (B, H, Nq, n))):
         if b is None:
             out.append(None)
@@ -225,7 +221,7 @@ def agent(q, k, v, call):
     The weights returned are ``W`` (the DWC term is not an attention weight).
     """
     o = call.options
-    key_padding_mask, scale, dwc_weight = call.key_mask, call.scale, o.dwc_weight
+    key_mask, scale, dwc_weight = call.key_mask, call.scale, o.dwc_weight
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     ct = compute_dtype(q.dtype)
@@ -240,7 +236,7 @@ def agent(q, k, v, call):
     kc, vc = repeat_kv(k, Hq).to(ct), repeat_kv(v, Hq).to(ct)
     A = P @ qc  # agent tokens (B, Hq, n, D)
     s_agg = (A @ kc.transpose(-1, -2)) * scale + (0 if b_agg is None else b_agg)
-    real = None if key_padding_mask is None else key_padding_mask.view(B, 1, 1, Nk)
+    real = None if key_mask is None else key_mask.view(B, 1, 1, Nk)
     p_agg = masked_softmax(s_agg, real)  # (B, Hq, n, Nk)
     s_bcast = (qc @ A.transpose(-1, -2)) * scale + (0 if b_bcast is None else b_bcast)
     p_bcast = torch.softmax(s_bcast, dim=-1)  # (B, Hq, Nq, n)
@@ -265,7 +261,7 @@ def agent_attention(q, k, v, call):
     ``n`` keys, ``W`` is no larger than the ``Nq × n`` broadcast weights and it takes the
     association with fewer flops.)"""
     o = call.options
-    key_padding_mask, scale, dwc_weight = call.key_mask, call.scale, o.dwc_weight
+    key_mask, scale, dwc_weight = call.key_mask, call.scale, o.dwc_weight
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     ct = compute_dtype(q.dtype)
@@ -283,7 +279,7 @@ def agent_attention(q, k, v, call):
     s_agg = (A @ kc.transpose(-1, -2)) * scale
     if b_agg is not None:
         s_agg = s_agg + b_agg
-    real = None if key_padding_mask is None else key_padding_mask.view(B, 1, 1, Nk)
+    real = None if key_mask is None else key_mask.view(B, 1, 1, Nk)
     p_agg = masked_softmax(s_agg, real)  # (B, Hq, n, Nk)
     s_bcast = (qc @ A.transpose(-1, -2)) * scale
     if b_bcast is not None:
@@ -315,7 +311,7 @@ def agent_attention(q, k, v, call):
 @agent.module_class
 class AgentAttention(torch.nn.Module):
     """Agent attention with a learnable depthwise convolution on V (the paper's DWC);
-    call it like the functional form: ``module(q, k, v, key_padding_mask=..., cross=...)``.
+    call it like the functional form: ``module(q, k, v, key_mask=..., cross=...)``.
 
     Args:
         heads, kv_heads: query and key/value heads (``kv_heads`` defaults to ``heads``).

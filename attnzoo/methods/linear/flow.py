@@ -69,11 +69,11 @@ from typing import Optional
 
 import torch
 
-from ...errors import AttentionInputError, UnsupportedPattern, fmt_shape
+from ...errors import AttentionInputError, UnsupportedPattern
 from ...kernels.caches import Decoder, RecurrentState
 from ...kernels.common import compute_dtype, repeat_kv
 from ...kernels.dense import masked_softmax
-from ...kernels.linear_scan import DEFAULT_CHUNK, causal_linear, noncausal_linear
+from ...kernels.linear_scan import DEFAULT_CHUNK, check_chunk, causal_linear, noncausal_linear
 from ...registry import MethodOptions, method
 
 #: Stand-in for ``Ô`` of a padded key in ``logcumsumexp``: ``Ô >= 0`` always, so
@@ -95,8 +95,13 @@ class FlowOptions(MethodOptions):
     clamp: Optional[float] = None
     chunk: int = DEFAULT_CHUNK
 
+    def validate(self) -> None:
+        if self.clamp is not None and not self.clamp > 0:
+            raise AttentionInputError(f"option clamp must be a positive number (or None), got {self.clamp!r}")
+        check_chunk(self.chunk)
 
-def _inputs(q, k, v, key_padding_mask):
+
+def _inputs(q, k, v, key_mask):
     """``φ(q)``, ``φ(k)``, ``v`` in the compute dtype, k/v repeated to the query heads,
     padded keys' features and values zeroed; and the real-key mask ``(B, 1, Nk)`` or None."""
     Hq = q.shape[1]
@@ -105,8 +110,8 @@ def _inputs(q, k, v, key_padding_mask):
     fk = torch.sigmoid(repeat_kv(k, Hq).to(ct))
     vv = repeat_kv(v, Hq).to(ct)
     real = None
-    if key_padding_mask is not None:
-        real = key_padding_mask.view(k.shape[0], 1, k.shape[2])
+    if key_mask is not None:
+        real = key_mask.view(k.shape[0], 1, k.shape[2])
         fk = fk * real.unsqueeze(-1).to(ct)
         vv = vv * real.unsqueeze(-1).to(ct)
     return fq, fk, vv, real
@@ -229,7 +234,7 @@ def _causal(fq, fk, vv, real, eps, clamp, chunk, state=None):
     if m is not None:
         compete = compete * m
     num, S = causal_linear(fq, fk, vv * compete.unsqueeze(-1), chunk=chunk,
-                                   initial_state=None if state is None else state.S, return_state=True)
+                           initial_state=None if state is None else state.S, return_state=True)
     out = num * (torch.sigmoid(in_hat) / (incoming + eps)).unsqueeze(-1)
     return out, (ksum[:, :, -1], qsum[:, :, -1], kw[:, :, -1], qw[:, :, -1], lse[..., -1], S)
 
@@ -269,12 +274,8 @@ class FlowDecoder(Decoder):
         return RecurrentState(ksum=None, qsum=None, kw=None, qw=None, lse=None, S=None)
 
     def step(self, run, state, q, k, v, *, scale, impl, options):
-        """The next T tokens (causal self-attention) from the constant-size state."""
-        if state.S is not None and (state.S.shape[:2] != (q.shape[0], q.shape[1]) or state.S.shape[-1] != v.shape[-1]):
-            raise AttentionInputError(
-                f"new q {fmt_shape(q)} / v {fmt_shape(v)} do not match the flow state "
-                f"(B, Hq) = {fmt_shape(state.S.shape[:2])}, Dv = {state.S.shape[-1]}"
-            )
+        """The next T tokens (causal self-attention) from the constant-size state (the
+        registry's ``step`` checks that the shapes match the state's)."""
         fq, fk, vv, _ = _inputs(q, k, v, None)
         out, new = _causal(fq, fk, vv, None, options.eps, options.clamp, options.chunk,
                            None if state.S is None else state)

@@ -32,7 +32,7 @@ import torch
 from ...errors import AttentionInputError, fmt_shape
 from ...kernels.caches import Decoder, RecurrentState
 from ...kernels.dense import softmax_attention
-from ...kernels.linear_scan import (DEFAULT_CHUNK, dense_kernel_attention, kernel_attention,
+from ...kernels.linear_scan import (DEFAULT_CHUNK, check_chunk, dense_kernel_attention, kernel_attention,
                                     kernel_attention_step, positionless)
 from ...registry import MethodOptions, method
 
@@ -59,6 +59,7 @@ class HedgehogOptions(MethodOptions):
 
     def validate(self) -> None:
         _check_activation(self.activation)
+        check_chunk(self.chunk)
 
 
 def _check_activation(activation) -> None:
@@ -72,8 +73,6 @@ def feature_map(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], ac
 
     def phi(x):
         z = x if weight is None else torch.einsum("bhnd,hdf->bhnf", x, weight.to(x.dtype))
-        if weight is not None and z.shape[1] != weight.shape[0]:  # pragma: no cover - einsum already checks
-            raise AttentionInputError(f"weight {fmt_shape(weight)} does not match {z.shape[1]} heads")
         if bias is not None:
             z = z + bias.to(x.dtype).unsqueeze(-2)
         if activation == "softmax":

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from ...errors import AttentionInputError, fmt_shape
 from ...kernels.caches import Decoder
 from ...kernels.common import compute_dtype, repeat_kv
-from ...kernels.linear_scan import (DEFAULT_CHUNK, causal_aligned, causal_linear, noncausal_linear,
+from ...kernels.linear_scan import (DEFAULT_CHUNK, causal_aligned, causal_linear, check_chunk, noncausal_linear,
                                     with_ones)
 from ...registry import MethodOptions, method
 
@@ -86,6 +86,7 @@ class InLineOptions(MethodOptions):
 
     def validate(self) -> None:
         _check_feature_map(self.feature_map)
+        check_chunk(self.chunk)
 
 
 def feature(x: torch.Tensor, feature_map: str) -> torch.Tensor:
@@ -154,7 +155,7 @@ def inline(q, k, v, call):
     ``(Hq, Dv, k)`` taps of the depthwise convolution over V, or None.
     """
     feature_map, local_weight = call.options.feature_map, call.options.local_weight
-    causal, key_padding_mask, scale = call.causal, call.key_mask, call.scale
+    causal, key_mask, scale = call.causal, call.key_mask, call.scale
     B, Hq, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     ct = compute_dtype(q.dtype)
@@ -171,8 +172,8 @@ def inline(q, k, v, call):
     weights = (kappa - kappa.sum(dim=-1, keepdim=True) * inv_n + inv_n).masked_fill(~allowed, 0.0)  # InL_ij
     out = weights @ vv
     if w_local is not None:
-        if key_padding_mask is not None:
-            vv = vv * key_padding_mask.view(B, 1, Nk, 1).to(ct)
+        if key_mask is not None:
+            vv = vv * key_mask.view(B, 1, Nk, 1).to(ct)
         out = out + _local_reference(vv, w_local, causal, Nq)
     out = out.to(q.dtype)
     return (out, weights.to(q.dtype)) if call.return_weights else out
@@ -224,7 +225,7 @@ def chunk_attention(q, k, v, call):
     autograd works."""
     o = call.options
     feature_map, local_weight, chunk = o.feature_map, o.local_weight, o.chunk
-    causal, key_padding_mask, scale = call.causal, call.key_mask, call.scale
+    causal, key_mask, scale = call.causal, call.key_mask, call.scale
     B, Hq, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     ct = compute_dtype(q.dtype)
@@ -232,8 +233,8 @@ def chunk_attention(q, k, v, call):
     fq = feature(q.to(ct), feature_map) * scale
     fk = feature(repeat_kv(k, Hq).to(ct), feature_map)
     vv = repeat_kv(v, Hq).to(ct)
-    if key_padding_mask is not None:
-        keep = key_padding_mask.view(B, 1, Nk, 1).to(ct)
+    if key_mask is not None:
+        keep = key_mask.view(B, 1, Nk, 1).to(ct)
         fk, vv = fk * keep, vv * keep
         ones = keep.expand(B, 1, Nk, 1)
     else:
@@ -263,6 +264,9 @@ class InLineState:
         self.u = torch.zeros(batch_size, kv_heads, 1, v_dim, dtype=ct, device=device)
         self.count = 0
         self.tail = None  # (B, Hkv, k - 1, Dv), made by the first step that has a local term
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.S, self.u, self.tail) if t is not None)
 
 
 @inline.decodes

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ...errors import AttentionInputError
 from ...kernels.caches import Decoder, RecurrentState
 from ...kernels.common import compute_dtype
-from ...kernels.linear_scan import (DEFAULT_CHUNK, dense_kernel_attention, kernel_attention,
+from ...kernels.linear_scan import (DEFAULT_CHUNK, check_chunk, dense_kernel_attention, kernel_attention,
                                     kernel_attention_step, positionless)
 from ...registry import MethodOptions, method
 
@@ -67,6 +67,16 @@ class LightningOptions(MethodOptions):
     def validate(self) -> None:
         if self.feature_map not in _MAPS:
             raise AttentionInputError(f"feature_map must be one of {', '.join(_MAPS)}, got {self.feature_map!r}")
+        if self.decay is not None:  # the range here; the count (one or one per head) at the call
+            try:
+                d = torch.as_tensor(self.decay, dtype=torch.float64).flatten()
+            except (TypeError, ValueError, RuntimeError):
+                d = torch.zeros(1)  # not numbers: the message below
+            if d.numel() == 0 or bool(((d <= 0) | (d > 1)).any()):
+                raise AttentionInputError(f"decay must be one value or one per head, in (0, 1], got {self.decay!r}")
+        if not 0.0 <= self.layer_ratio <= 1.0:  # above 1 the default decays would exceed 1 and grow
+            raise AttentionInputError(f"layer_ratio must be l / L of the layer, in [0, 1], got {self.layer_ratio!r}")
+        check_chunk(self.chunk)
 
 
 def decays(heads: int, decay=None, layer_ratio: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:

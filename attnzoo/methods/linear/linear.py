@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ...errors import AttentionInputError
 from ...kernels.caches import Decoder, RecurrentState
-from ...kernels.linear_scan import (DEFAULT_CHUNK, dense_kernel_attention, kernel_attention,
+from ...kernels.linear_scan import (DEFAULT_CHUNK, check_chunk, dense_kernel_attention, kernel_attention,
                                     kernel_attention_step)
 from ...registry import MethodOptions, method
 
@@ -80,6 +80,11 @@ class LinearOptions(MethodOptions):
             raise AttentionInputError(
                 f"feature_map must be one of {', '.join(FEATURE_MAPS)} or a callable, got {self.feature_map!r}"
             )
+        for name in ("cosformer_len", "favor_features"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AttentionInputError(f"option {name} must be a positive int (or None), got {value!r}")
+        check_chunk(self.chunk)
 
 
 def favor_projection(head_dim: int, features: int, seed: int = 0, device=None) -> torch.Tensor:

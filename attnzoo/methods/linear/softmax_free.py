@@ -129,7 +129,7 @@ def softmax_free(q, k, v, call):
     ``num_landmarks``: m (capped at Nq). ``newton_iters``: Newton–Raphson steps for B⁺.
     """
     num_landmarks, newton_iters = call.options.num_landmarks, call.options.newton_iters
-    key_padding_mask, scale = call.key_mask, call.scale
+    key_mask, scale = call.key_mask, call.scale
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     ct = compute_dtype(q.dtype)
@@ -139,8 +139,8 @@ def softmax_free(q, k, v, call):
     a = gaussian_kernel(qc, q_land, scale)  # S(Q, Q̃)   (Nq × m)
     b_pinv = newton_pinv(gaussian_kernel(q_land, q_land, scale), newton_iters)  # S(Q̃, Q̃)⁺  (m × m)
     c = gaussian_kernel(q_land, kc, scale)  # S(Q̃, K)   (m × Nk)
-    if key_padding_mask is not None:
-        c = c.masked_fill(~key_padding_mask.view(B, 1, 1, Nk), 0.0)
+    if key_mask is not None:
+        c = c.masked_fill(~key_mask.view(B, 1, 1, Nk), 0.0)
     weights = a @ b_pinv @ c  # the N×N approximate attention matrix
     out = (weights @ vc).to(q.dtype)
     return (out, weights.to(q.dtype)) if call.return_weights else out
@@ -159,7 +159,7 @@ def nystrom_attention(q, k, v, call):
     N×N. GQA without copying K/V: each k/v head's ``C V`` serves the landmarks of all
     its query heads at once."""
     num_landmarks, newton_iters = call.options.num_landmarks, call.options.newton_iters
-    key_padding_mask, scale = call.key_mask, call.scale
+    key_mask, scale = call.key_mask, call.scale
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -171,8 +171,8 @@ def nystrom_attention(q, k, v, call):
     a = torch.exp(-0.5 * scale * _sq_dist(qc, q_land))  # (B, Hq, Nq, m)
     b_pinv = newton_pinv(torch.exp(-0.5 * scale * _sq_dist(q_land, q_land)), newton_iters)
     c = torch.exp(-0.5 * scale * _sq_dist(q_land.reshape(B, Hkv, G * m, D), k.to(ct)))  # (B, Hkv, G·m, Nk)
-    if key_padding_mask is not None:
-        c = c * key_padding_mask.view(B, 1, 1, Nk).to(ct)
+    if key_mask is not None:
+        c = c * key_mask.view(B, 1, 1, Nk).to(ct)
     cv = (c @ v.to(ct)).reshape(B, Hq, m, Dv)
     return (a @ (b_pinv @ cv)).to(q.dtype)
 

@@ -34,7 +34,7 @@ Judgement calls:
   alignment): the spec says ``rows_independent=False``, so the layer refuses to decode
   noncausal cross-attention one query at a time (which would align every query to the
   last key and silently compute something else).
-* [J] A dense ``mask`` / mask_mod and ``key_padding_mask`` are combined by AND with the
+* [J] A dense ``mask`` / mask_mod and the key padding are combined by AND with the
   pattern; a query with nothing visible returns zeros.
 
 Implementations:

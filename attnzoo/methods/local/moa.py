@@ -37,7 +37,7 @@ Judgement calls:
   ``max_len=...`` and every step uses ``span(max_len)``, so decoding equals the causal
   forward over ``max_len`` tokens; without ``max_len`` it raises
   :class:`AttentionInputError`, and decoding past ``max_len`` raises too.
-* [J] A dense ``mask`` / mask_mod and ``key_padding_mask`` are combined by AND with the
+* [J] A dense ``mask`` / mask_mod and the key padding are combined by AND with the
   pattern; a query with nothing visible returns zeros.
 
 Implementations:
@@ -49,7 +49,7 @@ Implementations:
   memory O(N·w_max) (the kernel pads every head to the longest span's block count);
   never N×N, forward or backward.
 * ``flex`` — FlexAttention with the same mask_mod (CPU: inference only).
-* decoding — a :class:`~attnzoo.kernels.windows.MoACache`: the sinks and the last
+* decoding — a :class:`MoACache` (a :class:`~attnzoo.kernels.caches.WindowCache`): the sinks and the last
   ``max_h w_h`` tokens.
 """
 
@@ -62,10 +62,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ...errors import AttentionInputError, fmt_shape
-from ...kernels.caches import Decoder
+from ...kernels.caches import Decoder, WindowCache
 from ...kernels.flex import flex_unsupported
 from ...kernels.masking import MaskMod, head_values, offset_of, take_head
-from ...kernels.windows import MoACache, one_if_shared, pattern_blocks, pattern_flex, pattern_reference, window_layout
+from ...kernels.windows import one_if_shared, pattern_blocks, pattern_flex, pattern_reference, window_layout
 from ...registry import MethodOptions, method
 
 DEFAULT_ALPHA = (64, 128, 256, 512)
@@ -208,6 +208,15 @@ def flex(q, k, v, call):
 # ---------------------------------------------------------------------------- decoding
 
 
+class MoACache(WindowCache):
+    """The sinks and the last ``max_h w_h`` tokens (MoA's per-head spans); ``max_len``
+    fixes the spans when they grow with the length (β != 0)."""
+
+    def __init__(self, *args, max_len: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_len = max_len
+
+
 def _decode_spans(alpha, beta, heads: int, max_len: Optional[int]) -> torch.Tensor:
     if bool((_values(beta, "beta") != 0).any()):
         if max_len is None:
@@ -229,7 +238,7 @@ def _cache_tokens(alpha, beta, max_len) -> int:
 
 @moa.decodes
 class MoADecoder(Decoder):
-    """The sinks and the last ``max_h w_h`` tokens (a :class:`~attnzoo.kernels.windows.MoACache`);
+    """The sinks and the last ``max_h w_h`` tokens (a :class:`MoACache`);
     each head masks its own span."""
 
     state_size = "sinks + last max_h(w_h) tokens: ·2·Hkv·D per sequence, constant in N"

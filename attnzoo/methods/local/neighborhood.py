@@ -25,7 +25,7 @@ The neighbourhood, per axis of length ``n`` with kernel ``k`` and dilation ``d``
   (those ``>= 0``; fewer at the very start, the window never shifts forward).
 
 Then it is softmax attention restricted to those keys (combined with ``mask`` and
-``key_padding_mask``; a query with nothing visible gives zeros).
+the key padding; a query with nothing visible gives zeros).
 
 Judgement calls:
 
@@ -44,7 +44,7 @@ Judgement calls:
 * [J] Self-attention only (the neighbours are positions of the query's own sequence):
   the cross patterns are not in the spec. 2-D has no causal form: ``causal=True`` with
   a ``grid`` raises :class:`AttentionInputError`.
-* [J] A dense ``mask`` / mask_mod and ``key_padding_mask`` are combined by AND with the
+* [J] A dense ``mask`` / mask_mod and the key padding are combined by AND with the
   neighbourhood; the gather path reads the mask only at the gathered (i, j) pairs (a
   mask_mod is evaluated there directly, never on N×N).
 
@@ -444,8 +444,6 @@ def gather_attention(q, k, v, call):
     idx, valid = neighbor_index(_pattern(q, k, call), call.q_len, q.device)
     return _gather_core(q, k, v, idx, valid, scale=call.scale, mask=call.mask, key_mask=call.key_mask,
                         block_q=call.options.block_q)
-
-
 
 
 # ------------------------------------------------------------------------------ flex

@@ -17,7 +17,7 @@ the contiguous key span their window reaches (:func:`attnzoo.kernels.windows.ban
 with no gathers and no data-dependent shapes, so it also traces under
 ``torch.compile(fullgraph=True)``. Both: time O(N·w·D), memory O(N·w).
 
-Decoding keeps the sinks and a ring buffer of the last ``window`` keys: memory
+Decoding keeps the sinks and the last ``window`` keys (a window cache): memory
 ``w + s`` tokens, constant in the generated length.
 """
 
@@ -154,10 +154,10 @@ def flex(q, k, v, call):
 
 @sliding_window.decodes
 class SlidingWindowDecoder(Decoder):
-    """The sinks and a ring buffer of the last ``window`` keys/values (a
+    """The sinks and the last ``window`` keys/values (a
     :class:`~attnzoo.kernels.caches.WindowCache`): ``w + s`` tokens."""
 
-    state_size = "ring buffer: (w + s)·2·Hkv·D per sequence, constant in N"
+    state_size = "sinks + last w tokens: (w + s)·2·Hkv·D per sequence, constant in N"
 
     def init_state(self, batch_size, kv_heads, head_dim, v_dim, *, dtype, device, max_len, options):
         return WindowCache(batch_size, kv_heads, head_dim, v_dim, options.window, options.sinks, dtype, device)

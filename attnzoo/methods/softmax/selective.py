@@ -58,13 +58,14 @@ class SelectiveOptions(MethodOptions):
     Attributes:
         query_temperature: ``t`` broadcastable to ``(B, Hq, Nq, 1)``, or None (1).
         value_temperature: ``u`` broadcastable to ``(B, Hkv, Nk, 1)``, or None (1).
-        position_scale: α, a float or ``(Hq,)`` (0 = no position term).
+        position_scale: α, a float or one per query head (a tuple/list or an ``(Hq,)``
+            tensor; 0 = no position term).
         block_q, block_k: tile sizes of ``tiled``. ``num_splits``: split-K decoding chunks.
     """
 
     query_temperature: Optional[torch.Tensor] = None
     value_temperature: Optional[torch.Tensor] = None
-    position_scale: Union[float, torch.Tensor] = 0.0
+    position_scale: Union[float, tuple, torch.Tensor] = 0.0
     block_q: Optional[int] = None
     block_k: Optional[int] = None
     num_splits: Optional[int] = None
@@ -98,6 +99,9 @@ def temperature(q, causal: bool, kv_len: int, o) -> Optional[torch.Tensor]:
     if isinstance(alpha, torch.Tensor) or alpha:
         n = visible_counts(causal, Nq, kv_len, q.device, dtype=ct)  # (Nq, 1)
         a = torch.as_tensor(alpha, device=q.device).to(ct)
+        if a.dim() > 1 or a.numel() not in (1, Hq):
+            raise AttentionInputError(
+                f"position_scale must be a number or one value per query head ({Hq}), got shape {fmt_shape(a)}")
         a = a.view(1, -1, 1, 1) if a.dim() == 1 else a
         pos = 1 + a * torch.log(n)
         tau = pos if tau is None else tau * pos

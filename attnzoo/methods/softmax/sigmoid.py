@@ -37,7 +37,7 @@ from ...kernels.common import compute_dtype, repeat_kv
 from ...kernels.dense import scores
 from ...kernels.masking import group_mask
 from ...kernels.segmented import chunked_rows
-from ...registry import method, MethodOptions
+from ...registry import MethodOptions, method
 
 
 @dataclass(frozen=True)

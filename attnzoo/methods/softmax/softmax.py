@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from ...errors import AttentionInputError
 from ...kernels import score_mods
@@ -47,15 +48,15 @@ class SoftmaxOptions(MethodOptions):
     """Options of ``softmax``.
 
     Attributes:
-        alibi: ALiBi biases: True for the paper's slopes, or a tensor of one slope per
-            query head (learnable through ``reference`` and ``sdpa``).
+        alibi: ALiBi biases: True for the paper's slopes, or one slope per query head (a
+            tuple/list, or a tensor, learnable through ``reference`` and ``sdpa``).
         softcap: tanh soft-capping value (None = off).
         block_q, block_k: tile sizes of ``tiled`` (default: key blocks of 256 and as many
             query rows as keep one tile at 2 MiB).
         num_splits: key chunks of split-K decoding (default one per 256 cached keys).
     """
 
-    alibi: Union[bool, torch.Tensor] = False
+    alibi: Union[bool, tuple, torch.Tensor] = False
     softcap: Optional[float] = None
     block_q: Optional[int] = None
     block_k: Optional[int] = None
@@ -116,6 +117,12 @@ def _sdpa_supports(call) -> Optional[str]:
               description="torch scaled_dot_product_attention; masks and biases as one attn_mask")
 def sdpa(q, k, v, call):
     """``scaled_dot_product_attention`` with causal, mask, key padding and biases combined."""
+    o = call.options
+    if (call.mask is None and call.key_mask is None and call.score_mod is None and o.alibi is False
+            and (not call.causal or call.q_len == call.kv_len)):
+        # SDPA's own call, nothing to combine (the common case: kept short, it is every call's path)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=call.dropout_p, is_causal=call.causal,
+                                              scale=call.scale, enable_gqa=call.q_heads != call.kv_heads)
     return sdpa_attention(q, k, v, scale=call.scale, causal=call.causal, mask=call.mask, key_mask=call.key_mask,
                           score_mod=method_score_mod(call), dropout_p=call.dropout_p)
 

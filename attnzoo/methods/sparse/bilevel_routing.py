@@ -33,7 +33,7 @@ the rounding of the scores, :mod:`attnzoo.kernels.routing_select`).
 Judgement calls:
 
 * [J] Region means average the real tokens of a region only: a shorter last region
-  averages its own tokens; with ``key_padding_mask`` padded keys are left out of the key
+  averages its own tokens; padded keys are left out of the key
   means and a key region with no real key is never selected.
 * [J] Selection ties are broken by region index (the lower index wins), in both
   programs; the affinity is computed in float64 from the detached inputs rounded to
@@ -51,9 +51,9 @@ Judgement calls:
 * [J] No decoding: a region's mean depends on all its tokens (``rows_independent=False``).
 * [J] Sized for short sequences (``for_length``): regions of N/8 tokens (at most the
   default 64) and ``topk`` a quarter of the regions (at least 2, at most the default 4).
-* [J] Density reported (``block``): keys of the selected regions visible under causality
-  over the keys visible under causality, averaged over queries (the mask and padding
-  not counted).
+* [J] Density reported (``block``): real keys of the selected regions visible under
+  causality over the real keys visible under causality, averaged over queries (the user
+  ``mask`` is not counted; it is applied inside the kept tiles).
 """
 
 from __future__ import annotations
@@ -230,16 +230,17 @@ def _region_means(x: torch.Tensor, R: int, weight: Optional[torch.Tensor]) -> tu
     return sums / cnt.clamp_min(1.0).unsqueeze(-1), cnt > 0
 
 
-def route(q, k, *, causal, key_padding_mask, R, perm, topk):
+def route(q, k, *, causal, key_mask, R, perm, topk):
     """The fast form's selection: ``(idx, valid)`` of shape ``(B, Hq, nq_regions, K)``, the
     selected key regions of each query region (best first), K = min(topk, nk_regions).
-    ``perm`` (2-D) reorders the tokens first."""
+    ``key_mask``: ``(B, Nk)`` bool, True = real key, or None. ``perm`` (2-D) reorders the
+    tokens first."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     with torch.no_grad():
         qf = selection_input(q)
         kf = selection_input(repeat_kv(k, Hq))
-        kpm = key_padding_mask
+        kpm = key_mask
         if perm is not None:
             qf, kf = qf[:, :, perm], kf[:, :, perm]
             kpm = None if kpm is None else kpm[:, perm]
@@ -266,7 +267,7 @@ def block_attention(q, k, v, call):
     causal, mask, key_mask = call.causal, call.mask, call.key_mask
     R, perm = _geometry(Nq, Nk, causal, call.options)
     _check_k_for_grid(k, perm)
-    idx, valid = route(q, k, causal=causal, key_padding_mask=key_mask, R=R, perm=perm, topk=call.options.topk)
+    idx, valid = route(q, k, causal=causal, key_mask=key_mask, R=R, perm=perm, topk=call.options.topk)
     if perm is not None:
         p = perm.to(q.device)
         q, k, v = q[:, :, p], k[:, :, p], v[:, :, p]

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ...errors import AttentionInputError, fmt_shape
+from ...kernels.block_select import expand_layout
 from ...kernels.flex import flex_unsupported
 from ...kernels.masking import block_layout
 from ...kernels.windows import pattern_blocks, pattern_flex, pattern_reference
@@ -133,10 +134,6 @@ def _layout(call, device) -> torch.Tensor:
                           device)
 
 
-def _dense(lay, Nq, Nk, block):
-    return lay.repeat_interleave(block, dim=1)[:, :Nq].repeat_interleave(block, dim=2)[:, :, :Nk].unsqueeze(0)
-
-
 @method("block_sparse", options=BlockSparseOptions, paper="Generating Long Sequences with Sparse Transformers",
         summary="softmax over the kept tiles of a block layout (given, or built from a mask_mod)",
         time="O(N K b D)", memory="O(N K b)", score_mods=True,
@@ -146,8 +143,9 @@ def block_sparse(q, k, v, call):
 
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv).
     """
-    lay = _layout(call, q.device)
-    return pattern_reference(q, k, v, call, _dense(lay, call.q_len, call.kv_len, call.options.block_size))
+    bs = call.options.block_size
+    dense = expand_layout(_layout(call, q.device), call.q_len, call.kv_len, bs, bs).unsqueeze(0)
+    return pattern_reference(q, k, v, call, dense)
 
 
 @block_sparse.impl("block", description="only the kept tiles, O(N·K·block)")

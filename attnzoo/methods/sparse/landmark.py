@@ -179,16 +179,16 @@ def _grouped(q, k, v, call):
     """The paper's grouped softmax, one own block at a time: one softmax over the own
     block's visible keys and the candidate blocks' landmark scores, each landmark's mass
     spread over its block by a softmax inside the block."""
-    o_ = call.options
+    opts = call.options
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    bs = int(o_.block_size)
+    bs = int(opts.block_size)
     nkb = num_blocks(Nk, bs)
     scale, causal = call.scale, call.causal
     ct = compute_dtype(q.dtype)
     lm, has = compute_landmarks(k, call.key_mask, bs)
-    if o_.landmarks is not None:
-        lm = o_.landmarks.to(ct)
+    if opts.landmarks is not None:
+        lm = opts.landmarks.to(ct)
     kr, vr, lr = repeat_kv(k, Hq).to(ct), repeat_kv(v, Hq).to(ct), repeat_kv(lm, Hq).to(ct)
     allowed = call.masker.full()
     if allowed is None:

@@ -39,9 +39,9 @@ Judgement calls:
   ``ceil(N/C)`` keys, as in the paper's implementation) instead of argmax assignment, so
   shapes are static; a token may belong to several clusters or to none. A query in no
   cluster (or whose clusters hold no visible key) returns zeros.
-* [J] Padded keys (``key_padding_mask``) rank last in every cluster's key top-k, so they
-  never take a real key's place. Padding still changes the result: cluster widths are
-  ``ceil(N/C)`` of the padded lengths and padded query positions take query slots.
+* [J] Padded keys rank last in every cluster's key top-k, so they never take a real
+  key's place. Padding still changes the result: cluster widths are ``ceil(N/C)`` of
+  the padded lengths and padded query positions take query slots.
 * [J] Membership ties are broken by position (the earlier token wins), in both programs.
   The affinities are computed in float64 from the detached inputs rounded to float32,
   then rounded to float32 (:mod:`attnzoo.kernels.routing_select`), under
@@ -205,8 +205,9 @@ def _members(x: torch.Tensor, mu: torch.Tensor, size: int, real: Optional[torch.
     return top_by_sort(aff, size).sort(dim=-1).values
 
 
-def route(q, k, *, centroids=None, num_clusters=None, key_padding_mask=None):
-    """The fast form's routing selection (no gradients).
+def route(q, k, *, centroids=None, num_clusters=None, key_mask=None):
+    """The fast form's routing selection (no gradients). ``key_mask``: ``(B, Nk)`` bool,
+    True = real key (padded keys rank last), or None.
 
     Returns ``(q_idx (B, Hq, C, wq), k_idx (B, Hq, C, wk))``: the member positions of each
     cluster, ``wq = ceil(Nq/C)``, ``wk = ceil(Nk/C)`` (at most the length)."""
@@ -216,7 +217,7 @@ def route(q, k, *, centroids=None, num_clusters=None, key_padding_mask=None):
         mu = _resolve_centroids(centroids, num_clusters, Hq, D, q.device, max(Nq, Nk)).to(torch.float64)
         C = mu.shape[1]
         q_idx = _members(selection_input(q), mu, min(Nq, -(-Nq // C)))
-        k_idx = _members(selection_input(repeat_kv(k, Hq)), mu, min(Nk, -(-Nk // C)), key_padding_mask)
+        k_idx = _members(selection_input(repeat_kv(k, Hq)), mu, min(Nk, -(-Nk // C)), key_mask)
     return q_idx, k_idx
 
 
@@ -237,7 +238,7 @@ def cluster_attention(q, k, v, call):
     scale, mask, key_mask = call.scale, call.mask, call.key_mask
     ct = compute_dtype(q.dtype)
     o = call.options
-    q_idx, k_idx = route(q, k, centroids=o.centroids, num_clusters=o.num_clusters, key_padding_mask=key_mask)
+    q_idx, k_idx = route(q, k, centroids=o.centroids, num_clusters=o.num_clusters, key_mask=key_mask)
     C, wq, wk = q_idx.shape[2], q_idx.shape[3], k_idx.shape[3]
     offset = Nk - Nq
     with torch.no_grad():
@@ -296,7 +297,7 @@ def cluster_attention(q, k, v, call):
 @routing.module_class
 class RoutingAttention(torch.nn.Module):
     """Routing attention with its k-means centroids as a buffer ``(heads, C, head_dim)``;
-    call it like the functional form: ``module(q, k, v, causal=..., key_padding_mask=...)``.
+    call it like the functional form: ``module(q, k, v, causal=..., key_mask=...)``.
     In training mode each call also moves the centroids toward the mean of the normalised
     queries and keys nearest to them (exponential moving average with ``decay``); in eval
     mode they stay fixed."""
@@ -316,13 +317,18 @@ class RoutingAttention(torch.nn.Module):
         kwargs.setdefault("impl", self.impl)
         out = routing(q, k, v, centroids=self.centroids, **kwargs)
         if self.training:
-            self.update_centroids(q, k, key_padding_mask=kwargs.get("key_padding_mask"))
+            real = kwargs.get("key_mask")  # True = real key
+            padding = kwargs.get("key_padding_mask")  # nn.MultiheadAttention's: True = padding
+            if real is None and padding is not None:
+                real = ~padding
+            self.update_centroids(q, k, key_mask=real)
         return out
 
     @torch.no_grad()
-    def update_centroids(self, q, k, key_padding_mask=None) -> None:
+    def update_centroids(self, q, k, key_mask=None) -> None:
         """One online k-means step: ``μ_c ← decay·μ_c + (1-decay)·mean(x̂ assigned to c)``
-        over the normalised queries and real keys, then renormalised."""
+        over the normalised queries and the real keys (``key_mask``: ``(B, Nk)`` bool,
+        True = real key, or None), then renormalised."""
         Hq = q.shape[1]
         mu = F.normalize(self.centroids.to(torch.float32), dim=-1)
         C, D = mu.shape[1], mu.shape[2]
@@ -330,8 +336,8 @@ class RoutingAttention(torch.nn.Module):
         kn = F.normalize(repeat_kv(k.detach(), Hq).to(torch.float32), dim=-1)
         wq = torch.ones(qn.shape[:3], dtype=torch.float32, device=q.device)
         wk = torch.ones(kn.shape[:3], dtype=torch.float32, device=q.device)
-        if key_padding_mask is not None:
-            wk = wk * key_padding_mask.view(kn.shape[0], 1, -1).to(torch.float32)
+        if key_mask is not None:
+            wk = wk * key_mask.view(kn.shape[0], 1, -1).to(torch.float32)
         sums = torch.zeros(Hq, C, D, dtype=torch.float32, device=q.device)
         counts = torch.zeros(Hq, C, dtype=torch.float32, device=q.device)
         for x, w in ((qn, wq), (kn, wk)):

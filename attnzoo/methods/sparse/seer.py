@@ -79,6 +79,7 @@ import torch.nn.functional as F
 
 from ... import stats
 from ...errors import AttentionInputError, fmt_shape
+from ...kernels.block_select import expand_layout
 from ...kernels.blocksparse import block_indices, block_sparse_attention
 from ...kernels.common import repeat_kv
 from ...kernels.dense import masked_softmax, softmax_attention
@@ -229,7 +230,7 @@ def seer(q, k, v, call):
             else:
                 keep = forced | (visible & (_gate_probabilities(score, visible) >= float(o.threshold)))
             layout[:, :, i] = keep
-    allowed = _dense(layout, Nq, Nk, b)
+    allowed = expand_layout(layout, Nq, Nk, b, b)
     return routed_softmax(q, k, v, call, allowed)
 
 
@@ -241,10 +242,6 @@ def _gate_probabilities(score, visible):
     return selection_scores(e / e.sum(-1, keepdim=True).clamp(min=1e-300))
 
 
-def _dense(layout, Nq, Nk, block):
-    return layout.repeat_interleave(block, dim=-2)[..., :Nq, :].repeat_interleave(block, dim=-1)[..., :Nk]
-
-
 # ------------------------------------------------------------------ the fast selection
 
 
@@ -253,7 +250,7 @@ def _pad_blocks(x, block, n_blocks):
     return F.pad(x, (0, 0, 0, n_blocks * block - n)) if n_blocks * block != n else x
 
 
-def pool(q, k, *, block, key_padding_mask=None):
+def pool(q, k, *, block, key_mask=None):
     """Pooled blocks: ``qp (B, Hq, nqb, D)`` (average over the real queries) and
     ``kp (B, Hkv, nkb, 3D)`` ([max, min, avg] over the real keys; zeros for a block
     with none), and the real-key count of each key block ``(B, 1, nkb)``."""
@@ -265,8 +262,8 @@ def pool(q, k, *, block, key_padding_mask=None):
     qp = qb.sum(3) / qcount.view(1, 1, nqb, 1).to(q.dtype)
     real = torch.arange(nkb * block, device=k.device) < Nk
     real = real.view(1, -1).expand(B, -1)
-    if key_padding_mask is not None:
-        real = real & F.pad(key_padding_mask, (0, nkb * block - Nk))
+    if key_mask is not None:
+        real = real & F.pad(key_mask, (0, nkb * block - Nk))
     real = real.view(B, 1, nkb, block, 1)
     kb = _pad_blocks(k, block, nkb).view(B, Hkv, nkb, block, D)
     count = real.sum(3)  # (B, 1, nkb, 1)
@@ -277,7 +274,7 @@ def pool(q, k, *, block, key_padding_mask=None):
     return qp, torch.cat([mx, mn, avg], dim=-1), count.view(B, 1, nkb)
 
 
-def block_visibility(B, Hq, Nq, Nk, block, *, causal, key_padding_mask=None, mask=None, device=None):
+def block_visibility(B, Hq, Nq, Nk, block, *, causal, key_mask=None, mask=None, device=None):
     """``visible (B', H', nqb, nkb)``: the key blocks that hold a real key (not padded)
     which some query of the block may see under causality, and — with a ``mask`` (dense
     or a mask_mod) — in which the mask allows at least one (query, key) pair of the tile;
@@ -287,7 +284,7 @@ def block_visibility(B, Hq, Nq, Nk, block, *, causal, key_padding_mask=None, mas
     off = Nk - Nq
     first = torch.arange(nqb, device=device) * block + off
     last = torch.clamp(torch.arange(nqb, device=device) * block + block - 1, max=Nq - 1) + off
-    real = torch.ones(1, Nk, device=device) if key_padding_mask is None else key_padding_mask.to(torch.float32)
+    real = torch.ones(1, Nk, device=device) if key_mask is None else key_mask.to(torch.float32)
     cum = F.pad(real.cumsum(-1), (1, 0))  # cum[b, t] = real keys in [0, t)
     start = (torch.arange(nkb, device=device) * block).view(1, nkb)
     end = torch.clamp(start + block, max=Nk)
@@ -315,11 +312,11 @@ def block_visibility(B, Hq, Nq, Nk, block, *, causal, key_padding_mask=None, mas
     return vis, forced
 
 
-def gate_logits(q, k, *, block, gate_q=None, gate_k=None, key_padding_mask=None):
+def gate_logits(q, k, *, block, gate_q=None, gate_k=None, key_mask=None):
     """Gate scores ``(B, Hq, nqb, nkb)`` = ``(Qp Wq)(Kp Wk)ᵀ / √Dg`` (differentiable in the
     gate weights) and the real-key counts of the key blocks ``(B, 1, nkb)``."""
     Hq, D = q.shape[1], q.shape[3]
-    qp, kp, count = pool(q, k, block=block, key_padding_mask=key_padding_mask)
+    qp, kp, count = pool(q, k, block=block, key_mask=key_mask)
     kp = repeat_kv(kp, Hq)
     if gate_q is None:
         pq, pk = qp, kp[..., :D] + kp[..., D:2 * D] + kp[..., 2 * D:]
@@ -329,7 +326,7 @@ def gate_logits(q, k, *, block, gate_q=None, gate_k=None, key_padding_mask=None)
     return (pq @ pk.transpose(-1, -2)) / math.sqrt(pq.shape[-1]), count
 
 
-def select_blocks(q, k, *, causal=False, mask=None, key_padding_mask=None, block_size=64, topk=8,
+def select_blocks(q, k, *, causal=False, mask=None, key_mask=None, block_size=64, topk=8,
                   threshold=None, gate_q=None, gate_k=None) -> torch.Tensor:
     """The fast form's selection: the kept key blocks, bool ``(B, Hq, nqb, nkb)``, by
     pooled block tensors and one stable sort. Not differentiated."""
@@ -340,9 +337,9 @@ def select_blocks(q, k, *, causal=False, mask=None, key_padding_mask=None, block
         logits, _ = gate_logits(selection_input(q), selection_input(k), block=block,
                                 gate_q=None if gate_q is None else selection_input(gate_q),
                                 gate_k=None if gate_k is None else selection_input(gate_k),
-                                key_padding_mask=key_padding_mask)
+                                key_mask=key_mask)
         logits = selection_scores(logits)
-        vis, forced = block_visibility(B, Hq, Nq, Nk, block, causal=causal, key_padding_mask=key_padding_mask,
+        vis, forced = block_visibility(B, Hq, Nq, Nk, block, causal=causal, key_mask=key_mask,
                                        mask=mask, device=q.device)
         vis, forced = vis.expand_as(logits), forced.expand_as(logits)
         if threshold is not None:
@@ -354,14 +351,14 @@ def select_blocks(q, k, *, causal=False, mask=None, key_padding_mask=None, block
         return keep | forced
 
 
-def density(idx, valid, *, block, Nq, Nk, causal, key_padding_mask=None) -> float:
+def density(idx, valid, *, block, Nq, Nk, causal, key_mask=None) -> float:
     """Mean over query rows (with something visible) of (keys in the kept blocks that the
     row may see under causality and padding) / (keys it may see). O(N·K) work."""
     nqb = idx.shape[2]
-    B = 1 if key_padding_mask is None else key_padding_mask.shape[0]
+    B = 1 if key_mask is None else key_mask.shape[0]
     real = torch.ones(B, Nk, dtype=torch.float64, device=idx.device)
-    if key_padding_mask is not None:
-        real = key_padding_mask.to(torch.float64)
+    if key_mask is not None:
+        real = key_mask.to(torch.float64)
     cum = F.pad(real.cumsum(-1), (1, 0))  # cum[b, t] = real keys in [0, t)
     bi = torch.arange(B, device=idx.device).view(-1, 1, 1, 1, 1)
     pos = torch.arange(nqb * block, device=idx.device).view(1, 1, nqb, block, 1) + (Nk - Nq)
@@ -387,12 +384,12 @@ def block_attention(q, k, v, call):
     _check_weights(o.gate_q, o.gate_k, q.shape[1], q.shape[3])
     Nq, Nk = q.shape[2], k.shape[2]
     block = o.block_size
-    layout = select_blocks(q, k, causal=call.causal, mask=call.mask, key_padding_mask=call.key_mask,
+    layout = select_blocks(q, k, causal=call.causal, mask=call.mask, key_mask=call.key_mask,
                            block_size=block, topk=o.topk, threshold=o.threshold, gate_q=o.gate_q, gate_k=o.gate_k)
     idx, valid = block_indices(layout)
     if stats.active():
         stats.report("density", density(idx, valid, block=block, Nq=Nq, Nk=Nk, causal=call.causal,
-                                        key_padding_mask=call.key_mask))
+                                        key_mask=call.key_mask))
     return block_sparse_attention(q, k, v, idx=idx, valid=valid, block=block, scale=call.scale, causal=call.causal,
                                   mask=call.mask, key_mask=call.key_mask)
 
@@ -404,7 +401,7 @@ def block_attention(q, k, v, call):
 class SeerAttention(torch.nn.Module):
     """SeerAttention with its learnable AttnGate (``gate_q (Hq, D, Dg)``, ``gate_k (Hq, 3D, Dg)``).
 
-    Call it like the functional form: ``module(q, k, v, causal=..., key_padding_mask=...)``.
+    Call it like the functional form: ``module(q, k, v, causal=..., key_mask=...)``.
     Train the gate with :func:`train_gate`. [J] Initialised like ``nn.Linear``
     (uniform ±1/√fan_in): an untrained gate is a random one.
     """
@@ -435,7 +432,7 @@ class SeerAttention(torch.nn.Module):
 # ------------------------------------------------------------------------- training
 
 
-def block_target(q, k, *, block, causal=True, key_padding_mask=None, scale=None):
+def block_target(q, k, *, block, causal=True, key_mask=None, scale=None):
     """The distillation target ``(B, Hq, nqb, nkb)``: the dense attention map max-pooled
     to blocks and row-normalised (dense: training is O(N²), as in the paper)."""
     B, Hq, Nq, _ = q.shape
@@ -443,16 +440,16 @@ def block_target(q, k, *, block, causal=True, key_padding_mask=None, scale=None)
     nqb, nkb = -(-Nq // block), -(-Nk // block)
     v = torch.zeros(B, k.shape[1], Nk, 1, dtype=q.dtype, device=q.device)
     w = softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5 if scale is None else float(scale), causal=causal,
-                          key_mask=key_padding_mask, return_weights=True)[1]
+                          key_mask=key_mask, return_weights=True)[1]
     wp = F.pad(w, (0, nkb * block - Nk, 0, nqb * block - Nq)).view(B, Hq, nqb, block, nkb, block).amax((3, 5))
     return wp / wp.sum(-1, keepdim=True).clamp(min=1e-30), w
 
 
 def train_gate(module: SeerAttention, q, k, *, steps: int = 200, lr: float = 0.01, sparsity: float = 0.9,
-               causal: bool = True, key_padding_mask=None) -> dict:
+               causal: bool = True, key_mask=None) -> dict:
     """Self-distillation of the gate: minimise ``KL(target || gate)`` with Adam, where the
     target is :func:`block_target` and ``gate = softmax`` of :func:`gate_logits` over the
-    visible key blocks.
+    visible key blocks. ``key_mask``: ``(B, Nk)`` bool, True = real key, or None.
 
     Returns ``{"recall", "recall_before", "losses"}``: recall is the fraction of the true
     (dense) attention mass inside the blocks the gate keeps at ``sparsity`` — each query
@@ -464,12 +461,12 @@ def train_gate(module: SeerAttention, q, k, *, steps: int = 200, lr: float = 0.0
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     with torch.no_grad():
-        target, weights = block_target(q, k, block=block, causal=causal, key_padding_mask=key_padding_mask)
-    vis, _ = block_visibility(B, Hq, Nq, Nk, block, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+        target, weights = block_target(q, k, block=block, causal=causal, key_mask=key_mask)
+    vis, _ = block_visibility(B, Hq, Nq, Nk, block, causal=causal, key_mask=key_mask, device=q.device)
 
     def current_logits():
         return gate_logits(q, k, block=block, gate_q=module.gate_q, gate_k=module.gate_k,
-                           key_padding_mask=key_padding_mask)[0]
+                           key_mask=key_mask)[0]
 
     def recall() -> float:
         with torch.no_grad():
@@ -478,7 +475,7 @@ def train_gate(module: SeerAttention, q, k, *, steps: int = 200, lr: float = 0.0
             n_vis = visx.sum(-1, keepdim=True)
             keep_n = torch.ceil((1 - float(sparsity)) * n_vis).clamp(min=1)
             keep = (rank_by_sort(logits.masked_fill(~visx, float("-inf"))) < keep_n) & visx
-            mass = (weights * _dense(keep, Nq, Nk, block)).sum(-1)
+            mass = (weights * expand_layout(keep, Nq, Nk, block, block)).sum(-1)
             rows = weights.sum(-1) > 0
             return float(mass[rows].mean())
 
