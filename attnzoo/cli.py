@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", help="the results directory of `attnzoo bench` (e.g. bench-results)")
     r.add_argument("--out", dest="report_dir", default=None, help="where to write the report (default: RESULTS)")
     r.set_defaults(func=cmd_report)
+    # Subcommands that live with their package: each module has add_parser(sub) (top-level
+    # commands) or add_bench_parser(bsub) (`attnzoo bench <name>`); one line each, below.
     return parser
 
 

@@ -251,7 +251,7 @@ def test_layer_arguments_and_options_are_checked_at_construction():
 
 
 def test_a_causal_layer_warns_once_for_a_method_whose_key_choice_sees_later_tokens():
-    from attnzoo import layers
+    from attnzoo.layers import attention as layers
 
     layers._WARNED.discard("routing")
     with pytest.warns(layers.CausalLeakWarning, match="routing.*allow_causal_leak=True"):

@@ -19,9 +19,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import registry
-from .api import build
-from .errors import AttentionInputError, UnsupportedPattern, closest, fmt_shape
+from .. import registry
+from ..api import build
+from ..errors import AttentionInputError, UnsupportedPattern, closest, fmt_shape
 
 
 _WARNED: set = set()
