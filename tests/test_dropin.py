@@ -262,3 +262,21 @@ def test_a_causal_layer_warns_once_for_a_method_whose_key_choice_sees_later_toke
         layers._WARNED.discard("routing")
         az.Attention(dim=32, heads=4, method="routing", causal=True, allow_causal_leak=True)
         az.Attention(dim=32, heads=4, method="softmax", causal=True)
+
+
+def test_a_float_mask_row_of_minus_inf_gives_zeros_and_finite_gradients_in_every_path():
+    q, k, v = (torch.randn(1, 2, 12, 8, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(12, 12)
+    bias[3] = float("-inf")
+    for spec in az.list_methods():
+        if not spec.score_mods or "noncausal_self" not in spec.patterns:
+            continue
+        opts = spec.sized_options(12)
+        for impl in spec.impl_names:
+            info = spec.check(q, k, v, attn_mask=bias, **opts)
+            if spec.why_not(spec.get_impl(impl), info) is not None:
+                continue
+            out = az.attention(q, k, v, attn_mask=bias, method=spec.name, impl=impl, **opts)
+            assert torch.isfinite(out).all() and bool((out[:, :, 3] == 0).all()), (spec.name, impl)
+            grads = torch.autograd.grad(out.sum(), (q, k, v))
+            assert all(torch.isfinite(g).all() for g in grads), (spec.name, impl)

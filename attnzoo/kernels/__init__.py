@@ -20,7 +20,7 @@ no method, no API. A method file composes them; two methods never import each ot
 * :mod:`~attnzoo.kernels.caches` — decoding states: KV cache, window cache, recurrent
   state, and the decoders built on them;
 * :mod:`~attnzoo.kernels.windows` — window layouts, softmax over a pattern (dense,
-  block-sparse, band, FlexAttention), MoA's cache;
+  block-sparse, band, FlexAttention);
 * :mod:`~attnzoo.kernels.block_select` — block geometry and lowest-index-wins top-k of
   the block-retrieval methods (landmark, hip, combiner);
 * :mod:`~attnzoo.kernels.routing_select` — the selection arithmetic and top-k programs of

@@ -19,12 +19,13 @@ from .masking import make_masker
 
 
 def masked_softmax(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
-    """Row softmax of ``s`` over the allowed entries; a row with nothing allowed gives
-    zeros (plain softmax would give NaN there)."""
-    if allowed is None:
-        return torch.softmax(s, dim=-1)
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-    return p.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    """Row softmax of ``s`` over the allowed entries; a row with nothing allowed — masked
+    out, or all ``-inf`` scores (a float mask) — gives zeros, never NaN, and a zero
+    gradient."""
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+    return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
 def scores(q: torch.Tensor, k: torch.Tensor, scale: float, score_mod: Optional[Callable] = None) -> torch.Tensor:

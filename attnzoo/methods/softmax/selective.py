@@ -42,13 +42,11 @@ from ...kernels import score_mods
 from ...kernels.caches import KVCacheDecoder
 from ...kernels.common import compute_dtype, visible_counts
 from ...kernels.dense import softmax_attention
-from ...kernels.sdpa import sdpa_attention
+from ...kernels.sdpa import SDPA_FUDGE, sdpa_attention
 from ...kernels.splitk import split_k_attention
 from ...kernels.tiled import tiled_softmax_attention
 from ...registry import MethodOptions, method
 
-#: softmax's SDPA tolerance factor (PyTorch's fused CPU kernel at sharp logits).
-SDPA_FUDGE = 8.0
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from ...kernels.caches import KVCacheDecoder
 from ...kernels.common import compute_dtype
 from ...kernels.dense import softmax_attention
 from ...kernels.flex import flex_attention, flex_unsupported
-from ...kernels.sdpa import sdpa_attention
+from ...kernels.sdpa import SDPA_FUDGE, sdpa_attention
 from ...kernels.splitk import split_k_attention
 from ...kernels.tiled import tiled_softmax_attention
 from ...registry import MethodOptions, method
@@ -73,13 +73,18 @@ class SoftmaxOptions(MethodOptions):
 
 def method_score_mod(call):
     """Soft-capping, then ALiBi, then the caller's score_mod, as one score_mod (or None)."""
-    o = call.options
-    if o.softcap is None and o.alibi is False and call.score_mod is None:
+    return score_mod_of(call.options, call.q_heads, call.q_len, call.kv_len, call.device, call.dtype, call.score_mod)
+
+
+def score_mod_of(o, heads: int, q_len: int, kv_len: int, device, dtype, extra=None):
+    """The score_mod of options ``o`` for ``q_len`` queries over ``kv_len`` keys (lower-right
+    aligned), composed with ``extra``."""
+    if o.softcap is None and o.alibi is False and extra is None:
         return None  # the common case, kept cheap: it is on every call's path
     cap = score_mods.softcap(o.softcap) if o.softcap is not None else None
-    slopes = score_mods.resolve_alibi(o.alibi, call.q_heads, call.device, compute_dtype(call.dtype))
-    bias = score_mods.alibi(slopes, call.q_len, call.kv_len) if slopes is not None else None
-    return score_mods.compose(cap, bias, call.score_mod)
+    slopes = score_mods.resolve_alibi(o.alibi, heads, device, compute_dtype(dtype))
+    bias = score_mods.alibi(slopes, q_len, kv_len) if slopes is not None else None
+    return score_mods.compose(cap, bias, extra)
 
 
 @method("softmax", options=SoftmaxOptions, paper="Attention Is All You Need",
@@ -98,11 +103,6 @@ def softmax(q, k, v, call):
 
 # ------------------------------------------------------------------------------ sdpa
 
-#: PyTorch's fused CPU kernel (vectorised exp, blocked accumulation) is measured at up
-#: to 5x the error of the explicit float32 reference once logits are sharp (e.g. queries
-#: scaled by a temperature of 3-4); it is the library's ground truth, so its own
-#: tolerance factor is wider than the default 3.
-SDPA_FUDGE = 8.0
 
 
 def _sdpa_supports(call) -> Optional[str]:
@@ -182,14 +182,5 @@ class SoftmaxDecoder(KVCacheDecoder):
         if impl == "kv":
             # one query sees every cached key: no causal mask to build
             return run(q, keys, values, causal=T > 1, scale=scale, options=options)
-        call = _DecodeCall(q, L, options)
         return split_k_attention(q, keys, values, scale=scale, causal=T > 1, num_splits=options.num_splits,
-                                 score_mod=method_score_mod(call))
-
-
-class _DecodeCall:
-    """The fields :func:`method_score_mod` reads, for T new queries over L cached keys."""
-
-    def __init__(self, q, kv_len, options):
-        self.options, self.q_heads, self.device, self.dtype = options, q.shape[1], q.device, q.dtype
-        self.q_len, self.kv_len, self.score_mod = q.shape[2], kv_len, None
+                                 score_mod=score_mod_of(options, q.shape[1], T, L, q.device, q.dtype))

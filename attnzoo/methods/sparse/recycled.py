@@ -42,12 +42,9 @@ from ...errors import AttentionInputError
 from ...kernels.caches import KVCache
 from ...kernels.common import compute_dtype, repeat_kv
 from ...kernels.dense import masked_softmax, softmax_attention
-from ...kernels.sdpa import sdpa_attention
+from ...kernels.sdpa import SDPA_FUDGE, sdpa_attention
 from ...registry import method
 
-#: The tolerance factor of the SDPA path (PyTorch's fused CPU kernel is measured at up
-#: to 5x the explicit float32 reference's error once logits are sharp; see softmax).
-SDPA_FUDGE = 8.0
 
 
 @method("recycled",
