@@ -77,7 +77,7 @@ def method_info(spec) -> dict:
         "masks": spec.masks, "score_mods": spec.score_mods, "gqa": spec.gqa, "dropout": spec.dropout,
         "decoding": spec.state_size if spec.decoding else None, "learnable": spec.learnable,
         "module_class": spec.module.__name__ if spec.module is not None else None,
-        "causal_leak": spec.causal_leak, "sized": spec.sized_options(256),
+        "causal_leak": spec.causal_leak, "sized": spec.sized_options(256), "layer_options": spec.layer_options,
     }
 
 
@@ -100,6 +100,7 @@ def method_page(spec) -> str:
              f"| dropout | {yes(info['dropout'])} |",
              f"| decoding | {_cell(info['decoding']) if info['decoding'] else 'no'} |",
              f"| parameters | {info['module_class'] or 'none'} |",
+             f"| layer recipe | {_cell(info['layer_options']) if info['layer_options'] else '—'} |",
              f"| strictly causal | {'no: ' + _cell(info['causal_leak']) if info['causal_leak'] else 'yes'} |",
              "", "## Options", ""]
     if info["options"]:

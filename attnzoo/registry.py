@@ -205,6 +205,10 @@ class MethodSpec:
         short_impl: the implementation fastest at short lengths (tens to hundreds of
             tokens), which small models (the benchmark's tasks) train with; default the
             reference (the fast forms' blocking pays only at long lengths).
+        layer_options: the :class:`~attnzoo.Attention` options the method's paper trains
+            it with (e.g. sigmoid's QK-norm); the benchmark's task models use them, so each
+            method is trained with its own recipe. ``Attention`` itself takes them only when
+            asked.
     """
 
     def __init__(self, *, name: str, reference: Callable, summary: str, paper: str, family: Optional[str] = None,
@@ -213,7 +217,7 @@ class MethodSpec:
                  gqa: bool = True, dropout: bool = False, grid: bool = False, weights: bool = True,
                  decoder: Optional[Decoder] = None, module: Optional[type] = None, fudge: float = 3.0,
                  query: str = "tokens", rows_independent: bool = True, causal_leak: str = "",
-                 mask_mods: tuple = (), short_impl: str = "reference"):
+                 mask_mods: tuple = (), short_impl: str = "reference", layer_options: Optional[dict] = None):
         unknown = set(patterns) - set(PATTERNS)
         if unknown:
             raise ValueError(f"{name}: unknown patterns {sorted(unknown)}; choose from {PATTERNS}")
@@ -234,6 +238,7 @@ class MethodSpec:
         self.rows_independent, self.causal_leak = rows_independent, causal_leak
         self.mask_mods = tuple(mask_mods)
         self.short_impl = short_impl
+        self.layer_options = dict(layer_options or {})
         self._option_names = frozenset(options.names())
         self._pattern_table = {(c, x): pattern_name(c, x) in self.patterns for c in (False, True) for x in (False, True)}
         self._defaults = options()
@@ -456,11 +461,23 @@ class MethodSpec:
             opts, given = self._defaults, ()
         call = make_call(self, q, k, v, causal, mask, key_mask, score_mod, scale, dropout_p, return_weights, cross,
                          nan_policy, opts, given)
+        chosen = None
         if impl == "auto" and not given and not return_weights:
             for candidate in self.impls:  # the common case: the first impl whose supports() agrees
                 if candidate.supports is None or candidate.supports(call) is None:
-                    return candidate.fn(q, k, v, call)
-        return self.select(impl, call).fn(q, k, v, call)
+                    chosen = candidate
+                    break
+        if chosen is None:
+            chosen = self.select(impl, call)
+        try:
+            return chosen.fn(q, k, v, call)
+        except (NotImplementedError, RuntimeError) as e:  # free unless something failed
+            if call.device.type == "meta":
+                raise AttentionInputError(
+                    f"q, k, v are on the meta device, which holds shapes but no values, and impl "
+                    f"{chosen.name!r} of method {self.name!r} needs the values (it chooses or gathers keys by "
+                    f"them): {type(e).__name__}: {e}") from e
+            raise
 
     def run(self, q, k, v, *, causal: bool, scale: float, options: MethodOptions, impl: str = "auto",
             key_mask=None):

@@ -134,8 +134,15 @@ def test_lightning_equals_decayed_recurrence(impl, chunk):
 
 def test_lightning_default_decays_follow_transnormer_rule_and_refuse_noncausal():
     decays = lightning.decays
-    torch.testing.assert_close(decays(4), torch.exp(-torch.tensor([0.0, 2.0, 4.0, 6.0])))
-    torch.testing.assert_close(decays(4, layer_ratio=0.5), torch.exp(-torch.tensor([0.0, 1.0, 2.0, 3.0])))
+    # the papers' rule: lambda_h = exp(-ALiBi slope_h (1 - l/(L-1) + 1e-5)); 0.61 ... 0.996 for 8 heads
+    slopes8 = torch.tensor([2.0 ** -(i + 1) for i in range(8)])
+    torch.testing.assert_close(decays(8), torch.exp(-slopes8 * (1 + 1e-5)))
+    assert abs(float(decays(8)[0]) - 0.6065) < 1e-3 and abs(float(decays(8)[-1]) - 0.9961) < 1e-3
+    torch.testing.assert_close(decays(8, layer_ratio=0.5), torch.exp(-slopes8 * (0.5 + 1e-5)))
+    # attnzoo 0.1's rule, kept as an option
+    torch.testing.assert_close(decays(4, schedule="linear"), torch.exp(-torch.tensor([0.0, 2.0, 4.0, 6.0])))
+    torch.testing.assert_close(decays(4, layer_ratio=0.5, schedule="linear"),
+                               torch.exp(-torch.tensor([0.0, 1.0, 2.0, 3.0])))
     q, k, v = qkv()
     with pytest.raises(az.UnsupportedPattern, match="causal_self, causal_cross"):
         az.attention(q, k, v, method="lightning")
@@ -158,14 +165,25 @@ def test_hedgehog_feature_map_formula():
     W = torch.randn(2, 8, 5, dtype=torch.float64)
     b = torch.randn(2, 5, dtype=torch.float64)
 
-    def phi(x):
-        z = torch.einsum("bhnd,hdf->bhnf", x, W) + b[None, :, None, :]
-        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+    def z(x):
+        return torch.einsum("bhnd,hdf->bhnf", x, W) + b[None, :, None, :]
 
-    expected = recurrent(phi(q), phi(k), v)
-    for impl in ("reference", "chunk"):
-        got = az.attention(q, k, v, method="hedgehog", causal=True, weight=W, bias=b, impl=impl)
-        torch.testing.assert_close(got, expected)
+    def paper(x):  # the paper's map: [exp(Wx + b), exp(-(Wx + b))]
+        return torch.cat([torch.exp(z(x)), torch.exp(-z(x))], -1)
+
+    def released(x):  # the released code's variant: each half normalised over its features
+        return torch.cat([torch.softmax(z(x), -1), torch.softmax(-z(x), -1)], -1)
+
+    for activation, phi in (("exp", paper), ("softmax", released)):
+        expected = recurrent(phi(q), phi(k), v)
+        for impl in ("reference", "chunk"):
+            opts = {} if activation == "exp" else {"activation": "softmax"}  # exp is the default
+            got = az.attention(q, k, v, method="hedgehog", causal=True, weight=W, bias=b, impl=impl, **opts)
+            torch.testing.assert_close(got, expected)
+    # the two maps are different maps, not the same up to a per-row factor
+    a = az.attention(q, k, v, method="hedgehog", weight=W, bias=b, return_weights=True)[1]
+    s = az.attention(q, k, v, method="hedgehog", weight=W, bias=b, activation="softmax", return_weights=True)[1]
+    assert float((a - s).abs().max()) > 1e-3
 
 
 def test_hedgehog_distillation_beats_elu_linear_attention():

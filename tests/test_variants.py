@@ -66,9 +66,23 @@ def test_clipped_softmax_is_paper_formula(impl):
 def test_clipped_softmax_default_gamma_is_minus_alpha_over_T():
     q, k, v = qkv(Nk=16)
     p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1)
-    gamma = -4.0 / 16
-    expected = torch.clamp((1 - gamma) * p + gamma, 0, 1) @ v
-    torch.testing.assert_close(az.attention(q, k, v, method="clipped_softmax"), expected)
+    for alpha in (1.0, 4.0):  # 1 is the default
+        gamma = -alpha / 16
+        expected = torch.clamp((1 - gamma) * p + gamma, 0, 1) @ v
+        opts = {} if alpha == 1.0 else {"alpha": alpha}
+        torch.testing.assert_close(az.attention(q, k, v, method="clipped_softmax", **opts), expected)
+
+
+def test_clipped_softmax_default_keeps_a_gradient_in_near_uniform_rows():
+    """With the default alpha = 1 the largest entry of any row survives the clip, so a
+    near-uniform row (small logits, as at initialisation) passes gradient to q and k;
+    with alpha = 4 the whole row is clipped to zero and q, k get none."""
+    q, k, v = (torch.randn(1, 1, 32, 8) * 0.05 for _ in range(3))
+    for alpha, alive in ((1.0, True), (4.0, False)):
+        qq = q.clone().requires_grad_(True)
+        out = az.attention(qq, k, v, method="clipped_softmax", alpha=alpha)
+        (dq,) = torch.autograd.grad(out.square().sum(), qq)
+        assert bool((dq.abs().sum(-1) > 0).all()) is alive, alpha
 
 
 def test_clipped_softmax_with_identity_parameters_is_softmax():

@@ -28,6 +28,8 @@ def flex_unsupported(call) -> Optional[str]:
     ``requires_grad``, ``dropout_p``, ``head_dim``, ``v_dim``), or None."""
     if not flex_available():
         return "FlexAttention is not available in this PyTorch build"
+    if call.device.type not in ("cpu", "cuda", "xpu", "hpu", "mps"):
+        return f"FlexAttention runs on CPU and accelerators, not on {call.device.type} tensors"
     if call.device.type == "cpu" and call.requires_grad:
         return "FlexAttention on CPU runs for inference only (inputs require grad)"
     if call.dropout_p > 0:

@@ -194,32 +194,75 @@ def with_ones(v: torch.Tensor) -> torch.Tensor:
 
 
 def split_normalizer(out: torch.Tensor, eps: float) -> torch.Tensor:
-    """``out[..., :-1] / out[..., -1:]`` (guarded by ``eps``): the normalised output."""
+    """``out[..., :-1] / out[..., -1:]`` (guarded by ``eps``): the normalised output. With
+    ``eps == 0`` (positive features, whose denominator is zero only with no visible key)
+    a zero denominator (no visible key) gives 0 instead, and any common factor of the
+    features cancels exactly."""
     num, den = out[..., :-1], out[..., -1:]
+    if eps == 0:
+        return num / _safe(den)
     return num / (den + eps)
+
+
+def _safe(den: torch.Tensor) -> torch.Tensor:
+    """``den`` with its zeros (rows that see no key, whose numerator is 0 too) replaced by
+    1: the quotient is then 0 there, with finite gradients."""
+    return torch.where(den > 0, den, torch.ones_like(den))
 
 
 # ------------------------------------------------------------------ kernel attention
 
 
 def positionless(fn: Callable[[torch.Tensor], torch.Tensor]) -> FeatureMap:
-    """A map of ``x`` alone (``φ(x) -> features``) as a :data:`FeatureMap`."""
-    return lambda x, pos, is_query: fn(x)
+    """A map of ``x`` alone (``φ(x) -> features``) as a :data:`FeatureMap` (its
+    ``log_space`` flag kept)."""
+
+    def phi(x, pos, is_query):
+        return fn(x)
+
+    phi.log_space = getattr(fn, "log_space", False)
+    return phi
 
 
-def feature_pair(q, k, key_mask, phi: FeatureMap, *, position_offset: int = 0):
+def feature_pair(q, k, key_mask, phi: FeatureMap, *, position_offset: int = 0, with_shift: bool = False):
     """``φ(q), φ(k)`` in the compute dtype, k repeated to the query heads, padded keys'
     features zeroed. Query ``i`` sits at position ``i + Nk - Nq`` (lower-right), key ``j``
-    at ``j``, both shifted by ``position_offset`` (the tokens before these)."""
+    at ``j``, both shifted by ``position_offset`` (the tokens before these).
+
+    A map with ``log_space = True`` (FAVOR+'s ``exp`` features) returns log-features; they
+    are exponentiated here after the stabilising shifts of Performer's algorithm: each
+    query row by its own max, the keys by one max per (batch, head) over the real keys —
+    constants that cancel in the normalisation (and in an RMS norm), while no feature
+    underflows. ``with_shift=True`` also returns that key shift ``(B, Hq, 1, 1)`` (None
+    for other maps), which recurrent states carry (:func:`rescale_state`)."""
     Hq, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
     ct = compute_dtype(q.dtype)
     q_pos = torch.arange(Nq, device=q.device) + (Nk - Nq) + position_offset
     k_pos = torch.arange(Nk, device=q.device) + position_offset
     fq = phi(q.to(ct), q_pos, True)
     fk = phi(repeat_kv(k, Hq).to(ct), k_pos, False)
+    shift = None
+    if getattr(phi, "log_space", False):
+        fq = torch.exp(fq - fq.amax(dim=-1, keepdim=True).detach())
+        real = fk if key_mask is None else fk.masked_fill(~key_mask.view(k.shape[0], 1, Nk, 1), float("-inf"))
+        shift = real.amax(dim=(-2, -1), keepdim=True).detach()
+        shift = shift.masked_fill(torch.isinf(shift), 0.0)  # every key padded: any shift will do
+        fk = torch.exp(fk - shift)
     if key_mask is not None:
         fk = fk * key_mask.view(k.shape[0], 1, Nk, 1).to(ct)
-    return fq, fk
+    return (fq, fk, shift) if with_shift else (fq, fk)
+
+
+def rescale_state(S: Optional[torch.Tensor], old_shift, fk: torch.Tensor, new_shift):
+    """Put a recurrent state ``S`` (built from key features shifted by ``old_shift``) and new
+    key features ``fk`` (shifted by ``new_shift``) on one common shift, the larger:
+    ``(S, fk, shift)``. Shifts are ``(B, H, 1, 1)`` or None (no shifting)."""
+    if new_shift is None:
+        return S, fk, None
+    if S is None or old_shift is None:
+        return S, fk, new_shift
+    shift = torch.maximum(old_shift, new_shift)
+    return S * torch.exp(old_shift - shift), fk * torch.exp(new_shift - shift), shift
 
 
 def finish(out: torch.Tensor, output: Optional[str], eps: float) -> torch.Tensor:
@@ -253,7 +296,8 @@ def dense_kernel_attention(q, k, v, phi: FeatureMap, *, causal: bool, key_mask=N
         w = w * torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(diagonal=Nk - Nq)
     vv = repeat_kv(v, q.shape[1]).to(w.dtype)
     if output == "normalize":
-        weights = w / (w.sum(dim=-1, keepdim=True) + eps)
+        den = w.sum(dim=-1, keepdim=True)
+        weights = w / (_safe(den) if eps == 0 else den + eps)
         out = weights @ vv
     else:
         weights = w
@@ -280,10 +324,12 @@ def kernel_attention(q, k, v, phi: FeatureMap, *, causal: bool, key_mask=None, o
     if causal and q.shape[2] == k.shape[2]:
 
         def run_segment(q_s, k_s, v_s, kpm_s, offset, state):
-            fq, fk = feature_pair(q_s, k_s, kpm_s, phi, position_offset=offset)
+            fq, fk, shift = feature_pair(q_s, k_s, kpm_s, phi, position_offset=offset, with_shift=True)
+            S, old_shift = state if state is not None else (None, None)
+            S, fk, shift = rescale_state(S, old_shift, fk, shift)
             vv = _values(v_s, kpm_s, Hq, fq.dtype, output)
-            out, state = causal_linear(fq, fk, vv, decay=decay, chunk=chunk, initial_state=state, return_state=True)
-            return finish(out, output, eps).to(q.dtype), state
+            out, S = causal_linear(fq, fk, vv, decay=decay, chunk=chunk, initial_state=S, return_state=True)
+            return finish(out, output, eps).to(q.dtype), (S, shift)
 
         return causal_segments(q, k, v, key_mask, run_segment, chunk)
     fq, fk = feature_pair(q, k, key_mask, phi)
@@ -300,8 +346,10 @@ def kernel_attention_step(state, q, k, v, phi: FeatureMap, *, output: Optional[s
     :class:`~attnzoo.kernels.caches.RecurrentState`; a chunked scan over just the new
     tokens, started from ``S``. Returns ``(B, Hq, T, Dv)``, the last T rows of the
     causal forward."""
-    fq, fk = feature_pair(q, k, None, phi, position_offset=state.position)
+    fq, fk, shift = feature_pair(q, k, None, phi, position_offset=state.position, with_shift=True)
+    S, fk, shift = rescale_state(state.S, getattr(state, "key_shift", None), fk, shift)
+    state.key_shift = shift
     vv = _values(v, None, q.shape[1], fq.dtype, output)
-    out, state.S = causal_linear(fq, fk, vv, decay=decay, chunk=chunk, initial_state=state.S, return_state=True)
+    out, state.S = causal_linear(fq, fk, vv, decay=decay, chunk=chunk, initial_state=S, return_state=True)
     state.position += q.shape[2]
     return finish(out, output, eps).to(q.dtype)

@@ -32,6 +32,8 @@ Judgement calls:
   that is fastest at tens to hundreds of tokens: the reference for most, SDPA for
   softmax); the accuracy does not depend on it (every implementation is tested equal
   to the reference).
+* [J] Each method's layer uses the options its paper trains it with (its spec's
+  ``layer_options``: QK-norm for sigmoid attention, which does not learn MQAR without it).
 * [J] Each method runs with the options its own sizing hook gives for the task's
   length (``spec.sized_options(N)``, :meth:`attnzoo.registry.MethodOptions.for_length`):
   windows, blocks, clusters, landmarks and agents shrink at short lengths so that a
@@ -78,7 +80,9 @@ class Block(nn.Module):
                  impl: str = "auto", options: Optional[dict] = None):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, method=method, causal=causal, rotary=rotary, impl=impl, **(options or {}))
+        # the method's own layer recipe (e.g. sigmoid's QK-norm), then the task's options
+        layer = {**registry.get(method).layer_options, **(options or {})}
+        self.attn = Attention(dim, heads, method=method, causal=causal, rotary=rotary, impl=impl, **layer)
         self.mlp = MLP(dim)
 
     def forward(self, x, context=None):

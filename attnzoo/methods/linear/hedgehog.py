@@ -1,6 +1,6 @@
 """Hedgehog: linear attention with trainable feature maps that mimic softmax.
 
-    φ_h(x) = [softmax(W_h x + b_h), softmax(-(W_h x + b_h))]      (over the F features)
+    φ_h(x) = [exp(W_h x + b_h), exp(-(W_h x + b_h))]      (2F features)
     o_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j)
 
 "The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry"
@@ -8,10 +8,14 @@
 low-entropy ("spiky") weights and dot-product monotonicity; Hedgehog recovers them
 with a per-head single-layer MLP feature map trained so the linear-attention weights
 match softmax's (a cross-entropy between the two weight matrices):
-:func:`distill_hedgehog`. The paper writes the map with ``exp`` (``activation="exp"``);
-its released code normalises with a softmax over the features
-(``activation="softmax"``, the default [J]: the same up to a per-row factor, which
-cancels in the attention normalisation for queries, and keeps the values bounded).
+:func:`distill_hedgehog`. The map is the paper's ``exp`` one (``activation="exp"``, the
+default), computed stably as FAVOR+ is: the log-features ``[z, -z]`` are shifted by a
+per-row max for queries and one max per (batch, head) for keys before the ``exp``
+(:func:`attnzoo.kernels.linear_scan.feature_pair`) — constants that cancel exactly in
+the normalisation, so the weights are the paper's. ``activation="softmax"`` is the
+variant of the released code, ``[softmax(z), softmax(-z)]``: NOT the same map — each
+half is divided by its own sum over the features, two different factors per row, so
+the normalised weights differ from the paper's (by up to 0.033 on random inputs).
 
 The functional form takes the map's parameters as options (``weight (H, D, F)``,
 ``bias (H, F)``; None = identity map); :class:`HedgehogAttention`
@@ -46,15 +50,18 @@ class HedgehogOptions(MethodOptions):
     Attributes:
         weight: ``(Hq, D, F)`` per-head projection of the feature map (None: identity).
         bias: ``(Hq, F)`` (None: none).
-        activation: ``"softmax"`` (default) or ``"exp"``.
-        eps: added to the denominator.
+        activation: ``"exp"`` (default: the paper's map) or ``"softmax"`` (the released
+            code's variant, each half normalised over its features).
+        eps: added to the denominator; None (default) for 1e-6 with ``"softmax"`` and none
+            with ``"exp"`` (positive features: the denominator is only guarded against zero,
+            so the stabilising shifts cancel exactly).
         chunk: tokens per chunk of the causal scan (``chunk`` and decoding).
     """
 
     weight: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
-    activation: str = "softmax"
-    eps: float = 1e-6
+    activation: str = "exp"
+    eps: Optional[float] = None
     chunk: int = DEFAULT_CHUNK
 
     def validate(self) -> None:
@@ -67,8 +74,12 @@ def _check_activation(activation) -> None:
         raise AttentionInputError(f"activation must be 'softmax' or 'exp', got {activation!r}")
 
 
-def feature_map(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], activation: str = "softmax"):
-    """Hedgehog's φ as a callable on ``(B, H, N, D)`` (``weight (H, D, F)``, ``bias (H, F)``)."""
+def feature_map(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], activation: str = "exp"):
+    """Hedgehog's φ as a callable on ``(B, H, N, D)`` (``weight (H, D, F)``, ``bias (H, F)``).
+
+    ``"exp"`` returns the log-features ``[z, -z]`` (the callable has ``log_space = True``:
+    the kernel pipeline exponentiates them after its stabilising shifts); ``"softmax"``
+    returns the features themselves."""
     _check_activation(activation)
 
     def phi(x):
@@ -77,9 +88,16 @@ def feature_map(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], ac
             z = z + bias.to(x.dtype).unsqueeze(-2)
         if activation == "softmax":
             return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
-        return torch.cat([torch.exp(z), torch.exp(-z)], dim=-1)
+        return torch.cat([z, -z], dim=-1)
 
+    phi.log_space = activation == "exp"
     return phi
+
+
+def _eps(o) -> float:
+    if o.eps is not None:
+        return float(o.eps)
+    return 0.0 if o.activation == "exp" else 1e-6
 
 
 def _check_params(q, weight, bias):
@@ -98,7 +116,7 @@ def _phi(q, o: HedgehogOptions):
 
 
 @method("hedgehog", options=HedgehogOptions,
-        summary="linear attention with trainable softmax-mimicking feature maps [softmax(Wx), softmax(-Wx)]",
+        summary="linear attention with trainable softmax-mimicking feature maps [exp(Wx), exp(-Wx)]",
         paper="The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry",
         time="O(N D^2)", memory="O(N D)", masks=False)
 def hedgehog(q, k, v, call):
@@ -108,7 +126,7 @@ def hedgehog(q, k, v, call):
     """
     o = call.options
     return dense_kernel_attention(q, k, v, _phi(q, o), causal=call.causal, key_mask=call.key_mask,
-                                  output="normalize", eps=o.eps, return_weights=call.return_weights)
+                                  output="normalize", eps=_eps(o), return_weights=call.return_weights)
 
 
 @hedgehog.impl("chunk", options=("chunk",), description="linear's φ(K)ᵀV-first / chunked causal scan")
@@ -116,7 +134,7 @@ def chunk_attention(q, k, v, call):
     """The chunked form of normalised kernel attention with the Hedgehog feature map."""
     o = call.options
     return kernel_attention(q, k, v, _phi(q, o), causal=call.causal, key_mask=call.key_mask, output="normalize",
-                            eps=o.eps, chunk=o.chunk)
+                            eps=_eps(o), chunk=o.chunk)
 
 
 @hedgehog.decodes
@@ -131,7 +149,7 @@ class HedgehogDecoder(Decoder):
         return RecurrentState(S=None)
 
     def step(self, run, state, q, k, v, *, scale, impl, options):
-        return kernel_attention_step(state, q, k, v, _phi(q, options), output="normalize", eps=options.eps,
+        return kernel_attention_step(state, q, k, v, _phi(q, options), output="normalize", eps=_eps(options),
                                      chunk=options.chunk)
 
 
@@ -142,11 +160,11 @@ class HedgehogAttention(torch.nn.Module):
     Args:
         heads: query heads (k is repeated to them for GQA, and mapped per query head).
         head_dim: D. ``feature_dim``: F (default D; the map gives 2F features).
-        activation: ``"softmax"`` (default) or ``"exp"``.
+        activation: ``"exp"`` (default: the paper's map) or ``"softmax"`` (the released code's).
     """
 
     def __init__(self, heads: int, head_dim: int, kv_heads: Optional[int] = None, v_dim: Optional[int] = None,
-                 impl: str = "auto", feature_dim: Optional[int] = None, activation: str = "softmax"):
+                 impl: str = "auto", feature_dim: Optional[int] = None, activation: str = "exp"):
         super().__init__()
         F = feature_dim or head_dim
         w = torch.eye(head_dim, F).repeat(heads, 1, 1) if F == head_dim else torch.randn(heads, head_dim, F) / math.sqrt(head_dim)
@@ -182,7 +200,7 @@ def attention_kl(target: torch.Tensor, weights: torch.Tensor, eps: float = 1e-12
 
 def distill_hedgehog(q: torch.Tensor, k: torch.Tensor, module: Optional[HedgehogAttention] = None, *,
                      causal: bool = False, steps: int = 300, lr: float = 0.05, feature_dim: Optional[int] = None,
-                     activation: str = "softmax", progress: bool = False) -> dict:
+                     activation: str = "exp", progress: bool = False) -> dict:
     """Train Hedgehog feature maps so linear attention of ``q, k`` mimics their softmax weights.
 
     Minimises the cross-entropy ``-Σ_ij P_ij log Â_ij`` between softmax weights ``P`` and

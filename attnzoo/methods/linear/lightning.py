@@ -12,11 +12,15 @@ into blocks of ``chunk`` tokens: inside a block ``[(Q_i K_iᵀ) ⊙ M_λ] V_i`` 
 over tokens. There is no softmax and no denominator: TransNormer's NormAttention puts
 an RMS norm on each head's output instead (``output_norm=True``).
 
-Decay: ``decay`` = a float or one λ per head; the default is TransNormerLLM's rule
-``λ_h = exp(-(8 h / H) · (1 - layer_ratio))`` for heads h = 0..H-1 [J: with
-``layer_ratio`` = l / L of the layer, 0 by default, head 0 has no decay]. ``feature_map``
-(default ``"identity"``; TransNormerLLM applies SiLU to q and k in its layer) as in
-``linear``.
+Decay: ``decay`` = a float or one λ per head; by default (``decay_schedule="slopes"``)
+the papers' rule: ``λ_h = exp(-s_h · (1 - layer_ratio + 1e-5))`` with ``s_h`` ALiBi's
+per-head slopes ``2^(-8/H), 2^(-16/H), ...`` (TransNormerLLM's and Lightning
+Attention's released code: ``_build_slope_tensor`` and ``slope_rate · (1 - l / (L - 1)
++ 1e-5)``), e.g. 0.61 … 0.996 for H = 8 at ``layer_ratio`` 0 — every head decays,
+gently. ``decay_schedule="linear"`` keeps attnzoo 0.1's rule
+``λ_h = exp(-(8 h / H) · (1 - layer_ratio))`` (1 … 9e-4 for H = 8: head 0 without decay,
+the last almost forgetting). ``feature_map`` (default ``"identity"``; TransNormerLLM
+applies SiLU to q and k in its layer) as in ``linear``.
 
 Causal only (self and lower-right causal cross). Time O(N·C·D + N·D²), memory
 O(N·C + D²) per head; decoding keeps the D×Dv state, constant in N.
@@ -28,7 +32,7 @@ intra-/inter-block scan of :mod:`attnzoo.kernels.linear_scan`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from ...errors import AttentionInputError
 from ...kernels.caches import Decoder, RecurrentState
 from ...kernels.common import compute_dtype
+from ...kernels.score_mods import alibi_slopes
 from ...kernels.linear_scan import (DEFAULT_CHUNK, check_chunk, dense_kernel_attention, kernel_attention,
                                     kernel_attention_step, positionless)
 from ...registry import MethodOptions, method
@@ -48,9 +53,11 @@ class LightningOptions(MethodOptions):
     """Options of ``lightning``.
 
     Attributes:
-        decay: λ, one value or one per query head, in (0, 1] (default: TransNormerLLM's
-            per-head rule with ``layer_ratio``).
-        layer_ratio: l / L of the layer, for the default decays.
+        decay: λ, one value or one per query head, in (0, 1] (default: the per-head
+            rule of ``decay_schedule`` with ``layer_ratio``).
+        decay_schedule: ``"slopes"`` (the papers': λ_h = exp(-ALiBi slope_h · (1 - layer_ratio
+            + 1e-5))) or ``"linear"`` (attnzoo 0.1's λ_h = exp(-(8h/H)(1 - layer_ratio))).
+        layer_ratio: l / (L - 1) of the layer, for the default decays.
         feature_map: φ of q and k: ``"identity"`` (default), ``"silu"``, ``"elu"`` (elu + 1), ``"relu"``.
         output_norm: RMS-norm each head's output (NormAttention).
         eps: inside the RMS norm.
@@ -58,6 +65,7 @@ class LightningOptions(MethodOptions):
     """
 
     decay: Union[float, tuple, list, torch.Tensor, None] = None
+    decay_schedule: Literal["slopes", "linear"] = "slopes"
     layer_ratio: float = 0.0
     feature_map: str = "identity"
     output_norm: bool = True
@@ -79,21 +87,25 @@ class LightningOptions(MethodOptions):
         check_chunk(self.chunk)
 
 
-def decays(heads: int, decay=None, layer_ratio: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Per-head λ ``(H,)`` in (0, 1]."""
+def decays(heads: int, decay=None, layer_ratio: float = 0.0, device=None, dtype=torch.float32,
+           schedule: str = "slopes") -> torch.Tensor:
+    """Per-head λ ``(H,)`` in (0, 1]: ``decay`` when given, else ``schedule``'s rule."""
     if decay is not None:
         d = torch.as_tensor(decay, dtype=dtype, device=device).flatten()
         d = d.expand(heads) if d.numel() == 1 else d
         if d.numel() != heads or bool(((d <= 0) | (d > 1)).any()):
             raise AttentionInputError(f"decay must be one value or {heads} values in (0, 1], got {decay!r}")
         return d
+    if schedule == "slopes":
+        slopes = alibi_slopes(heads, device, torch.float64)
+        return torch.exp(-slopes * (1.0 - float(layer_ratio) + 1e-5)).to(dtype)
     h = torch.arange(heads, dtype=dtype, device=device)
     return torch.exp(-(8.0 * h / heads) * (1.0 - float(layer_ratio)))
 
 
 def _prepare(q, o: LightningOptions):
     """φ (position-free), the per-head decays in the compute dtype and the output."""
-    lam = decays(q.shape[1], o.decay, o.layer_ratio, q.device, compute_dtype(q.dtype))
+    lam = decays(q.shape[1], o.decay, o.layer_ratio, q.device, compute_dtype(q.dtype), o.decay_schedule)
     return positionless(_MAPS[o.feature_map]), lam, "rms" if o.output_norm else None
 
 

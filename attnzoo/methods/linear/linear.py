@@ -60,7 +60,10 @@ class LinearOptions(MethodOptions):
             ``"favor"`` or a callable ``φ(x (B, H, N, D)) -> (B, H, N, F)``.
         normalize: divide by ``φ(q_i)·Σ φ(k_j)`` (True) or RMS-norm each head's output
             (False: TransNormer's NormAttention).
-        eps: added to the denominator (or inside the RMS norm).
+        eps: added to the denominator (or inside the RMS norm); None (default) for 1e-6,
+            except FAVOR+'s normalised form, whose positive features need none: its
+            denominator is then only guarded against zero, so Performer's stabilising
+            shifts cancel exactly.
         cosformer_len: M of cosFormer's ``cos(π (i - j) / 2M)`` (default the longer of
             Nq, Nk; decoding needs it given).
         favor_features: FAVOR+ random features m (default D). ``favor_seed``: its projection.
@@ -69,7 +72,7 @@ class LinearOptions(MethodOptions):
 
     feature_map: Union[str, Callable] = "elu"
     normalize: bool = True
-    eps: float = 1e-6
+    eps: Optional[float] = None
     cosformer_len: Optional[int] = None
     favor_features: Optional[int] = None
     favor_seed: int = 0
@@ -132,12 +135,12 @@ def feature_map_fn(feature_map, *, scale: float, q_len: int, kv_len: int, normal
         w = favor_projection(head_dim, m, favor_seed, device)
 
         def favor(x, pos, is_query):
+            # log-features: the pipeline shifts queries per row and keys per (batch, head)
+            # before the exp (Performer's stabiliser), so neither underflows
             xs = x * math.sqrt(scale)
-            proj = xs @ w.to(x.dtype).T - (xs * xs).sum(-1, keepdim=True) / 2
-            if is_query and normalize:  # a per-row constant: cancels in the normalisation
-                proj = proj - proj.amax(dim=-1, keepdim=True).detach()
-            return torch.exp(proj) / math.sqrt(m)
+            return xs @ w.to(x.dtype).T - (xs * xs).sum(-1, keepdim=True) / 2 - 0.5 * math.log(m)
 
+        favor.log_space = True
         return favor
     raise AttentionInputError(
         f"feature_map must be one of {', '.join(FEATURE_MAPS)} or a callable, got {feature_map!r}"
@@ -154,6 +157,12 @@ def _output(o: LinearOptions) -> str:
     return "normalize" if o.normalize else "rms"
 
 
+def _eps(o: LinearOptions) -> float:
+    if o.eps is not None:
+        return float(o.eps)
+    return 0.0 if (o.feature_map == "favor" and o.normalize) else 1e-6
+
+
 @method("linear", options=LinearOptions,
         summary="kernelized linear attention φ(Q)(φ(K)ᵀV): elu+1, relu, identity, cosFormer, FAVOR+ feature maps",
         paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
@@ -166,7 +175,7 @@ def linear(q, k, v, call):
     o = call.options
     phi = _phi(o, call.scale, call.q_len, call.kv_len, call.head_dim, q.device)
     return dense_kernel_attention(q, k, v, phi, causal=call.causal, key_mask=call.key_mask, output=_output(o),
-                                  eps=o.eps, return_weights=call.return_weights)
+                                  eps=_eps(o), return_weights=call.return_weights)
 
 
 @linear.impl("chunk", options=("chunk",), description="φ(K)ᵀV first; causal: chunked intra/inter scan")
@@ -174,7 +183,7 @@ def chunk_attention(q, k, v, call):
     """``φ(K)ᵀV`` first (noncausal) or the chunked causal scan: O(N) time and memory."""
     o = call.options
     phi = _phi(o, call.scale, call.q_len, call.kv_len, call.head_dim, q.device)
-    return kernel_attention(q, k, v, phi, causal=call.causal, key_mask=call.key_mask, output=_output(o), eps=o.eps,
+    return kernel_attention(q, k, v, phi, causal=call.causal, key_mask=call.key_mask, output=_output(o), eps=_eps(o),
                             chunk=o.chunk)
 
 
@@ -191,7 +200,7 @@ class LinearDecoder(Decoder):
         if options.feature_map == "cosformer" and options.cosformer_len is None:
             raise AttentionInputError(
                 "decoding with feature_map='cosformer' needs cosformer_len (the M of cos(π i / 2M))")
-        return RecurrentState(S=None)
+        return RecurrentState(S=None, key_shift=None)
 
     def step(self, run, state, q, k, v, *, scale, impl, options):
         """The next T tokens from the constant-size state (a chunked scan over just them)."""
@@ -205,5 +214,5 @@ class LinearDecoder(Decoder):
                 "make the state with a larger cosformer_len"
             )
         phi = _phi(options, scale, T, T, q.shape[-1], q.device)
-        return kernel_attention_step(state, q, k, v, phi, output=_output(options), eps=options.eps,
+        return kernel_attention_step(state, q, k, v, phi, output=_output(options), eps=_eps(options),
                                      chunk=options.chunk)

@@ -8,7 +8,12 @@ sigmoid, so any mask simply zeroes terms and a query with nothing visible gets 0
 The paper's key practice is the bias ``b = -log(n)``, which keeps the total
 attention mass of a row near 1 at initialisation (``n · sigmoid(-log n) ≈ 1``);
 its other practices (LayerScale, QK-norm, ALiBi/RoPE) live in the layer
-(``Attention(qk_norm=True, rotary=True)``). The bias is a score_mod
+(``Attention(qk_norm=True, rotary=True)``); the spec's ``layer_options`` name QK-norm,
+which the benchmark's task models apply. Without it sigmoid attention does not learn
+the quick MQAR task (accuracy 0.345 and 0.342 over two seeds, softmax 1.00), with it it
+does (1.00 and 0.92); the bias does not matter there (a fixed ``-log 32`` gives 0.35 and
+0.34 without QK-norm): the gap was the task model's, not the method's (see the
+claims of ``attnzoo bench claims``). The bias is a score_mod
 (:func:`sigmoid_bias`), evaluated densely by the reference and per chunk by
 ``chunked``.
 
@@ -89,7 +94,8 @@ def _score_mod(call):
 
 @method("sigmoid", options=SigmoidOptions, paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
         summary="elementwise sigmoid instead of softmax, bias -log(n)", time="O(N^2 D)",
-        memory="O(N·block) chunked, O(N^2) reference", score_mods=True, decoder=KVCacheDecoder())
+        memory="O(N·block) chunked, O(N^2) reference", score_mods=True, decoder=KVCacheDecoder(),
+        layer_options={"qk_norm": True})
 def sigmoid(q, k, v, call):
     """Sigmoid attention with explicit N×N weights.
 
