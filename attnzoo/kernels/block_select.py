@@ -8,7 +8,8 @@ of ``Nq`` sits at the aligned key position ``i + Nk - Nq`` (lower-right, DESIGN.
   vectorised (the fast forms' summaries and landmarks);
 * :func:`selection_values` and :func:`selection_scores` — the arithmetic every selection
   is made in, so that two different programs rank the same candidates alike;
-* :func:`topk_lowest_index` — top-k with the lowest index winning among equal scores;
+* :func:`stable_topk` / :func:`topk_lowest_index` — top-k with the lowest index winning
+  among equal scores, O(n) per row (a stable sort's first ``k``);
 * :func:`expand_layout` — a block layout as the dense element mask (references only);
 * :func:`kept_density` — the ``density`` statistic of a block selection.
 
@@ -75,13 +76,50 @@ def block_means(x: torch.Tensor, key_mask: Optional[torch.Tensor], s: int, dtype
     return means, count
 
 
+def stable_topk(scores: torch.Tensor, k: int, ordered: bool = True):
+    """``(values, indices)`` of the ``k`` largest entries of the last axis, the lower index
+    first among equal scores: exactly the first ``k`` of a stable descending sort (NaN
+    counts as the largest, as in :func:`torch.sort`); with ``ordered=False`` the same
+    entries in an unspecified order.
+
+    O(n) per row instead of a sort's O(n log n): :func:`torch.topk` picks the ``k + 1``
+    best (its choice among equal scores is unspecified). The ``k`` best are then
+    determined unless the ``k``-th and the ``(k+1)``-th values are equal (``-inf``
+    included) or a NaN is among them; only those rows are redone by the stable sort.
+    With ``ordered`` the ``k`` are put in sort order by ranking them among themselves
+    (value, then index)."""
+    n = scores.shape[-1]
+    kk = min(int(k), n)
+    if kk == n or kk == 0 or scores.numel() == 0:
+        order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        return order.values[..., :kk], order.indices[..., :kk]
+    vals, idx = torch.topk(scores, kk + 1, dim=-1, sorted=True)
+    ambiguous = (vals[..., kk - 1] == vals[..., kk]) | torch.isnan(vals).any(-1)
+    vals, idx = vals[..., :kk], idx[..., :kk]
+    if ordered and kk > 1:  # ties inside the k: the lower index first
+        if kk <= 16:
+            a_v, a_i = vals.unsqueeze(-1), idx.unsqueeze(-1)  # [..., j, 1]: the entry ranked
+            b_v, b_i = vals.unsqueeze(-2), idx.unsqueeze(-2)  # [..., 1, j']: the others
+            rank = ((b_v > a_v) | ((b_v == a_v) & (b_i < a_i))).sum(-1)
+            vals = torch.empty_like(vals).scatter_(-1, rank, vals)
+            idx = torch.empty_like(idx).scatter_(-1, rank, idx)
+        else:
+            idx, pos = torch.sort(idx, dim=-1)
+            vals, pos = torch.sort(torch.gather(vals, -1, pos), dim=-1, descending=True, stable=True)
+            idx = torch.gather(idx, -1, pos)
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero(as_tuple=True)
+        order = torch.sort(scores[rows], dim=-1, descending=True, stable=True)
+        vals, idx = vals.clone(), idx.clone()
+        vals[rows], idx[rows] = order.values[..., :kk], order.indices[..., :kk]
+    return vals, idx
+
+
 def topk_lowest_index(scores: torch.Tensor, k: int):
     """The ``k`` largest entries of the last axis, the lowest index first among equal
     scores: ``idx (..., k')`` long and ``ok (..., k')`` bool (False where the score is
     ``-inf``: not a candidate), ``k' = min(k, size)``."""
-    kk = min(int(k), scores.shape[-1])
-    order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    top, top_s = order.indices[..., :kk], order.values[..., :kk]
+    top_s, top = stable_topk(scores, k)
     return top, top_s > float("-inf")
 
 

@@ -28,6 +28,21 @@ def masked_softmax(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Te
     return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
+def mask_future_(s: torch.Tensor, qs: int, offset: int, value: float = float("-inf")) -> torch.Tensor:
+    """In place: ``value`` where a key is later than its query (lower-right causal), on a
+    score block ``s (..., n, m)`` whose rows are queries ``qs .. qs + n - 1`` and whose
+    columns are keys ``0 .. m - 1``. Only the columns past the block's first query are
+    touched (a triangle, not the whole block): the other keys are visible to every row."""
+    n, m = s.shape[-2], s.shape[-1]
+    first = qs + offset + 1  # the first key the block's first query may not see
+    start = max(first, 0)
+    if start >= m:
+        return s
+    tri = torch.ones(n, m - start, dtype=torch.bool, device=s.device).triu(diagonal=first - start)
+    s[..., start:].masked_fill_(tri, value)
+    return s
+
+
 def scores(q: torch.Tensor, k: torch.Tensor, scale: float, score_mod: Optional[Callable] = None) -> torch.Tensor:
     """``score_mod(scale · Q Kᵀ)``: ``(B, Hq, Nq, Nk)`` in the compute dtype (k repeated to
     the query heads)."""

@@ -130,6 +130,51 @@ def pattern_flex(q, k, v, call, pattern):
                           score_mod=call.score_mod, pattern=pattern)
 
 
+def _static_band_chunk(q, pattern, causal, offset, scale, positions, B, Hkv, G, D, ct):
+    """The chunk function of :func:`band_attention` when only the pattern (and causality)
+    masks: the pattern then depends on positions alone, so the additive mask of a chunk
+    depends on its shape and its keys' place relative to its queries — the same for every
+    chunk inside the sequence. It is built once per geometry and fused into the score
+    GEMM (``baddbmm``): score, softmax and the value GEMM are the only passes left."""
+    biases: dict = {}
+
+    def bias_of(qs, qe, kpos, keys):
+        n, m = qe - qs, kpos.numel()
+        # contiguous keys (a slice): the geometry is (rows, keys, where they start); else per chunk
+        key = (n, m, keys.start - qs) if isinstance(keys, slice) else (qs, n, m)
+        hit = biases.get(key)
+        if hit is None:
+            qpos = torch.arange(qs, qe, device=q.device).view(-1, 1)
+            ok = pattern(0, 0, qpos, kpos.view(1, -1))
+            if causal:
+                ok = ok & (kpos.view(1, -1) <= qpos + offset)
+            ok = torch.as_tensor(ok, device=q.device).expand(n, m)
+            dead = ~ok.any(dim=-1)  # rows that see no key: zeros, not NaN (their bias stays 0: finite gradients)
+            bias = torch.zeros(n, m, dtype=ct, device=q.device).masked_fill(~ok & ~dead.view(-1, 1), float("-inf"))
+            # under torch.compile the emptiness of a row is not asked (data-dependent): always masked
+            any_dead = True if torch.compiler.is_compiling() else bool(dead.any())
+            hit = (bias.repeat(G, 1).unsqueeze(0), dead.repeat(G).view(1, G * n, 1) if any_dead else None)
+            if not torch.compiler.is_compiling():
+                biases[key] = hit
+        return hit
+
+    def chunk(qb, kb, vb, item):
+        qs, qe, keys = item
+        kpos = positions[qs]
+        n, m = qe - qs, kpos.numel()
+        bias, dead = bias_of(qs, qe, kpos, keys)
+        qg = qb.to(ct).reshape(B * Hkv, G * n, D)
+        kg = kb.to(ct).reshape(B * Hkv, m, D)
+        s = torch.baddbmm(bias, qg, kg.transpose(-1, -2), alpha=scale)
+        p = torch.softmax(s, dim=-1)
+        if dead is not None:
+            p = p.masked_fill(dead, 0.0)
+        out = p @ vb.to(ct).reshape(B * Hkv, m, -1)
+        return out.reshape(B, Hkv * G, n, -1).to(q.dtype)
+
+    return chunk
+
+
 def band_rows(batch: int, heads: int, reach: int) -> int:
     """Query rows per chunk of :func:`band_attention` for a pattern that reaches ``reach``
     keys: about half the reach (so a chunk's keys are at most ~1.5x the ones it uses),
@@ -170,6 +215,11 @@ def band_attention(q, k, v, call, pattern, key_ranges, rows: int):
         plan.append((qs, qe, keys))
     heads = torch.arange(Hq, device=q.device).view(1, Hkv, G, 1, 1)
     batch = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
+    # a pattern that says it depends on positions only (``per_head = False``) and no mask
+    # of the call's: the fused path
+    if mod is None and mask is None and key_mask is None and not getattr(pattern, "per_head", True):
+        return segmented(_static_band_chunk(q, pattern, causal, offset, scale, positions, B, Hkv, G, D, ct),
+                         plan, q, k, v)
 
     def chunk(qb, kb, vb, item):
         qs, qe = item[0], item[1]

@@ -49,6 +49,7 @@ def sliding_window_sink_mask(
         if causal:
             mod = and_masks(mod, causal_mask(q_len, kv_len))
     mod.cache_key = ("sliding_window", int(window), int(sinks), bool(causal), offset_of(q_len, kv_len))
+    mod.per_head = False  # positions only: kernels may build its mask once per geometry
     return mod
 
 
@@ -120,6 +121,16 @@ def _window_ranges(call):
     return key_ranges
 
 
+@sliding_window.impl("band", options=("block_q",),
+                     description="query chunks over their window's contiguous key span (and the sinks), O(N·w); "
+                                 "no gathers, traces under torch.compile")
+def band(q, k, v, call):
+    """Chunks of query rows, each over the contiguous span of keys its window reaches."""
+    o = call.options
+    rows = o.block_q or band_rows(call.batch, call.q_heads, o.window + o.sinks)
+    return band_attention(q, k, v, call, _pattern(call), _window_ranges(call), rows)
+
+
 def _block_supports(call):
     if torch.compiler.is_compiling():
         return "the block-sparse kernel's gathers have data-dependent shapes under torch.compile; use impl='band'"
@@ -133,16 +144,6 @@ def block_attention(q, k, v, call):
     o = call.options
     layout = window_layout(call.q_len, call.kv_len, o.block_size, o.window, o.sinks, call.causal, q.device)
     return pattern_blocks(q, k, v, call, layout, o.block_size, _pattern(call))
-
-
-@sliding_window.impl("band", options=("block_q",),
-                     description="query chunks over their window's contiguous key span (and the sinks), O(N·w); "
-                                 "no gathers, traces under torch.compile")
-def band(q, k, v, call):
-    """Chunks of query rows, each over the contiguous span of keys its window reaches."""
-    o = call.options
-    rows = o.block_q or band_rows(call.batch, call.q_heads, o.window + o.sinks)
-    return band_attention(q, k, v, call, _pattern(call), _window_ranges(call), rows)
 
 
 @sliding_window.impl("flex", supports=flex_unsupported,

@@ -46,6 +46,7 @@ from ...kernels import score_mods
 from ...kernels.caches import KVCacheDecoder
 from ...kernels.common import compute_dtype, repeat_kv, visible_counts
 from ...kernels.dense import masked_softmax, scores
+from ...kernels.rows import ClippedSoftmaxRows, row_attention
 from ...kernels.masking import group_mask
 from ...kernels.segmented import chunked_rows
 from ...registry import MethodOptions, method
@@ -106,6 +107,23 @@ def clipped_softmax(q, k, v, call):
     return (out, w.to(q.dtype)) if call.return_weights else out
 
 
+def _fast(q, k, v, call):
+    """Every row sees a key (no masks of the caller's, no query before the first key):
+    :func:`attnzoo.kernels.rows.row_attention` with the clip as its row transform —
+    masked entries have p = 0, so ``γ <= 0`` clips them to exactly 0 already."""
+    G, o, causal = call.q_heads // call.kv_heads, call.options, call.causal
+    ct = compute_dtype(q.dtype)
+
+    def gamma_of(qs, qe):
+        gamma = _gamma(o, causal, call.q_len, call.kv_len, q.device, qs, qe, ct)
+        if isinstance(gamma, torch.Tensor):  # (n, 1) per query row, repeated over the G heads
+            return gamma.repeat(G, 1).view(1, G * (qe - qs), 1)
+        return torch.full((1, 1, 1), gamma, dtype=ct, device=q.device)
+
+    return row_attention(q, k, v, ClippedSoftmaxRows(o.zeta, gamma_of), scale=call.scale, causal=causal,
+                         extra_of=gamma_of, block_q=o.block_q)
+
+
 @clipped_softmax.impl("chunked", options=("block_q",),
                       description="query-row chunks recomputed in the backward, O(N·block) memory")
 def chunked(q, k, v, call):
@@ -115,6 +133,8 @@ def chunked(q, k, v, call):
     G = Hq // Hkv
     ct = compute_dtype(q.dtype)
     o, masker, mod, scale = call.options, call.masker, call.score_mod, call.scale
+    if call.mask is None and call.key_mask is None and mod is None and call.offset >= 0:
+        return _fast(q, k, v, call)
 
     def rows(qb, kb, vb, qs, qe):
         n, m = qe - qs, kb.shape[2]

@@ -180,7 +180,7 @@ def tiled(q, k, v, call):
 class SelectiveDecoder(KVCacheDecoder):
     """A KV cache of ``k`` and ``u ⊙ v``; the new queries' temperature is taken at their
     positions (the last T of an L-long causal sequence), then softmax decoding:
-    ``"kv"`` (one call over the cache) or ``"split_k"`` (the default from 1024 cached keys)."""
+    ``"kv"`` (the default: one call over the cache) or ``"split_k"``."""
 
     impls = ("kv", "split_k")
     options = ("num_splits",)
@@ -190,7 +190,11 @@ class SelectiveDecoder(KVCacheDecoder):
         T, L = q.shape[2], cache.length
         no_values = dataclasses.replace(options, value_temperature=None)  # the cache holds u ⊙ v already
         if impl == "auto":
-            impl = "split_k" if L >= 1024 and T == 1 else "kv"
+            # one call over the cache: split-K (a PyTorch composition here, not a fused
+            # kernel) was measured slower at every cache length on the CPU (`attnzoo bench
+            # goals`: 10-15x from 256 to 65,536 keys), and SDPA's own kernels decode one
+            # query well on CUDA; it stays available by name
+            impl = "kv"
         if impl == "kv":
             # one new query sees the whole cache (n = L either way): no causal mask to build
             return run(q, cache.keys, cache.values, causal=T > 1, scale=scale, options=no_values)

@@ -40,6 +40,7 @@ from ...kernels import score_mods
 from ...kernels.caches import KVCacheDecoder
 from ...kernels.common import compute_dtype, repeat_kv
 from ...kernels.dense import scores
+from ...kernels.rows import SigmoidRows, row_attention
 from ...kernels.masking import group_mask
 from ...kernels.segmented import chunked_rows
 from ...registry import MethodOptions, method
@@ -110,15 +111,39 @@ def sigmoid(q, k, v, call):
     return (out, w.to(q.dtype)) if call.return_weights else out
 
 
+def _fast(q, k, v, call):
+    """:func:`attnzoo.kernels.rows.row_attention` with the bias ``-log n_i`` per row."""
+    G, fixed, causal, offset = call.q_heads // call.kv_heads, call.options.bias, call.causal, call.offset
+    ct = compute_dtype(q.dtype)
+
+    def bias_of(qs, qe):
+        if fixed is not None:
+            return torch.full((1, 1, 1), float(fixed), dtype=ct, device=q.device)
+        if not causal:
+            return torch.full((1, 1, 1), -math.log(call.kv_len), dtype=ct, device=q.device)
+        visible = (torch.arange(qs, qe, device=q.device, dtype=ct) + offset + 1).clamp(min=1)
+        return (-torch.log(visible)).repeat(G).view(1, G * (qe - qs), 1)
+
+    return row_attention(q, k, v, SigmoidRows, scale=call.scale, causal=causal, bias_of=bias_of,
+                         block_q=call.options.block_q)
+
+
 @sigmoid.impl("chunked", options=("block_q",),
               description="query-row chunks recomputed in the backward, O(N·block) memory")
 def chunked(q, k, v, call):
     """Query rows in chunks, recomputed in the backward: O(N · block) memory, autograd works,
-    keys past the causal frontier never touched. GQA without copying K/V."""
+    keys past the causal frontier never touched. GQA without copying K/V.
+
+    With no mask, key mask or score_mod of the caller's, the chunks run in
+    :func:`attnzoo.kernels.rows.row_attention` (a hand-written backward): one ``baddbmm``
+    (scale and the bias ``-log n_i`` fused into the score GEMM), ``-inf`` on the causal
+    triangle only, an in-place sigmoid (masked entries become exactly 0), the value GEMM."""
     B, Hq, Hkv, D = call.batch, call.q_heads, call.kv_heads, call.head_dim
     G = Hq // Hkv
     ct = compute_dtype(q.dtype)
     masker, mod, scale = call.masker, _score_mod(call), call.scale
+    if call.mask is None and call.key_mask is None and call.score_mod is None:
+        return _fast(q, k, v, call)
 
     def rows(qb, kb, vb, qs, qe):
         n, m = qe - qs, kb.shape[2]

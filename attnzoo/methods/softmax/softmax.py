@@ -166,9 +166,10 @@ def flex(q, k, v, call):
 class SoftmaxDecoder(KVCacheDecoder):
     """A KV cache; each step attends the new queries over the whole cache.
 
-    ``impl``: ``"split_k"`` (the default for one query over 1024 or more cached keys:
-    exact split-K decoding, LeanAttention / flash-decoding) or ``"kv"`` (one call over
-    the cache through the method's own forward)."""
+    ``impl``: ``"kv"`` (the default: one call over the cache through the method's own
+    forward, SDPA for plain softmax) or ``"split_k"`` (exact split-K decoding,
+    LeanAttention / flash-decoding: the cached keys in chunks merged by their
+    log-sum-exp; never faster than ``"kv"`` on the CPU)."""
 
     impls = ("kv", "split_k")
     options = ("num_splits",)
@@ -178,7 +179,11 @@ class SoftmaxDecoder(KVCacheDecoder):
         keys, values = cache.keys, cache.values
         T, L = q.shape[2], cache.length
         if impl == "auto":
-            impl = "split_k" if L >= 1024 and T == 1 else "kv"
+            # one call over the cache: split-K (a PyTorch composition here, not a fused
+            # kernel) was measured slower at every cache length on the CPU (`attnzoo bench
+            # goals`: 10-15x from 256 to 65,536 keys), and SDPA's own kernels decode one
+            # query well on CUDA; it stays available by name
+            impl = "kv"
         if impl == "kv":
             # one query sees every cached key: no causal mask to build
             return run(q, keys, values, causal=T > 1, scale=scale, options=options)

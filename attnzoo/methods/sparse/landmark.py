@@ -67,12 +67,11 @@ import torch.nn.functional as F
 
 from ... import stats
 from ...errors import AttentionInputError, fmt_shape
-from ...kernels.block_select import (aligned_positions, block_means, expand_layout, kept_density, num_blocks,
-                                     selection_scores, selection_values, topk_lowest_index)
+from ...kernels.block_select import (SELECT_DTYPE, aligned_positions, block_means, expand_layout, kept_density,
+                                     num_blocks, selection_scores, selection_values, stable_topk)
 from ...kernels.caches import Decoder, KVCache
-from ...kernels.common import BLOCK_ELEMENTS, compute_dtype, repeat_kv
+from ...kernels.common import compute_dtype, repeat_kv
 from ...kernels.dense import masked_softmax, softmax_attention
-from ...kernels.segmented import segmented
 from ...registry import MethodOptions, method
 
 
@@ -260,87 +259,236 @@ def landmark(q, k, v, call):
 
 def select(q, k, *, causal, key_mask, scale, block_size, topk, landmarks=None):
     """The fast form's selection, vectorised: ``idx (B, Hq, Nq, topk+1)`` long and
-    ``valid`` bool; slot 0 is the query's own block, then the candidates by one stable
-    sort of the scores (ties: lower index). Computed without gradient."""
+    ``valid`` bool; slot 0 is the query's own block, then its ``topk`` best candidates,
+    best first (ties: lower index; :func:`~attnzoo.kernels.block_select.stable_topk`).
+
+    Queries are scored in chunks of rows (the ``(rows, nkb)`` float64 scores of a chunk
+    stay small); under causality a chunk scores only the landmarks before its last own
+    block, so the scoring is O(N·(N/block)·D / 2). Computed without gradient."""
     with torch.no_grad():
-        B, Hq, Nq, _ = q.shape
-        Nk = k.shape[2]
-        bs = int(block_size)
+        B, Hq, Nq, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        G = Hq // Hkv
+        bs, kk = int(block_size), int(topk)
         nkb = num_blocks(Nk, bs)
+        dev = q.device
         lm, count = block_means(selection_values(k), key_mask, bs)
         lm = lm.to(torch.float32) if landmarks is None else landmarks.detach().to(torch.float32)
+        lm = lm.to(SELECT_DTYPE)  # the float32 landmarks, held in float64
         has = count > 0  # (B, nkb)
-        p = aligned_positions(Nq, Nk, q.device)
+        p = aligned_positions(Nq, Nk, dev)
         own = torch.div(p.clamp(min=0), bs, rounding_mode="floor")  # (Nq,)
-        blocks = torch.arange(nkb, device=q.device)
-        cand = (blocks.view(1, -1) < own.view(-1, 1)) if causal else (blocks.view(1, -1) != own.view(-1, 1))
-        cand = cand & (p.view(-1, 1) >= 0)
-        cand = cand.view(1, 1, Nq, nkb) & has.view(B, 1, 1, nkb)
-        s = selection_scores(q, repeat_kv(lm, Hq), scale).masked_fill(~cand, float("-inf"))
-        top, top_ok = topk_lowest_index(s, topk)
-        own_ok = (p >= 0).view(1, 1, Nq, 1).expand(B, Hq, Nq, 1)
-        idx = torch.cat([own.view(1, 1, Nq, 1).expand(B, Hq, Nq, 1), top], dim=-1)
-        valid = torch.cat([own_ok, top_ok], dim=-1)
+        idx = own.view(1, 1, Nq, 1).expand(B, Hq, Nq, kk + 1).clone()  # unused slots: any block
+        valid = torch.zeros(B, Hq, Nq, kk + 1, dtype=torch.bool, device=dev)
+        valid[..., 0] = (p >= 0).view(1, 1, Nq)
+        if kk == 0 or nkb < 2:
+            return idx, valid
+        q64 = selection_values(q)
+        padded = key_mask is not None and not bool(has.all())
+        rows = max(1, (1 << 21) // max(1, B * Hq * nkb))
+        for r0 in range(0, Nq, rows):
+            r1 = min(Nq, r0 + rows)
+            R, own_c, p_c = r1 - r0, own[r0:r1], p[r0:r1]
+            cols = int(own_c.max()) if causal else nkb  # candidates: b < own (causal), b != own
+            if cols == 0:
+                continue
+            qc = q64[:, :, r0:r1].reshape(B, Hkv, G * R, D)
+            sc = ((qc @ lm[:, :, :cols].transpose(-1, -2)) * float(scale)).view(B, Hq, R, cols)
+            if causal:  # b >= own(i) (and rows before the keys) are no candidates: the last columns only
+                lo = int(own_c.min())
+                out = (torch.arange(lo, cols, device=dev).view(1, -1) >= own_c.view(-1, 1)) | (p_c < 0).view(-1, 1)
+                sc[..., lo:] = sc[..., lo:].masked_fill(out, float("-inf"))
+            else:
+                sc.scatter_(-1, own_c.view(1, 1, R, 1).expand(B, Hq, R, 1), float("-inf"))
+                if bool((p_c < 0).any()):
+                    sc.masked_fill_((p_c < 0).view(1, 1, R, 1), float("-inf"))
+            if padded:
+                sc.masked_fill_(~has[:, :cols].view(B, 1, 1, cols), float("-inf"))
+            top_s, top = stable_topk(sc, kk)
+            n = top.shape[-1]
+            idx[:, :, r0:r1, 1:1 + n] = top
+            valid[:, :, r0:r1, 1:1 + n] = top_s > float("-inf")
     return idx, valid
 
 
-def gather_attention_per_query(q, k, v, *, idx, valid, block, scale, causal, mask=None, key_mask=None):
-    """Softmax of each query over its own selected key blocks ``idx (B, Hq, Nq, K)``:
-    segments of queries gather their blocks (no N×N), autograd via recomputation."""
+#: Query rows per tile of the block-granular kernel: a tile is up to ``TILE_ROWS``
+#: (query, block) pairs that retrieved the same key block, scored by one
+#: ``(rows, D) @ (D, block)`` product.
+TILE_ROWS = 32
+
+
+def _tiles(idx, valid, *, kv_heads, nkb, tile):
+    """Sort the valid (query, key block) pairs of ``idx/valid (B, Hq, Nq, K)`` by key block
+    (batch, k/v head, block) and cut each block's list into tiles of at most ``tile``
+    rows. Returns ``rows (T, tile)``: the flat query row ``(b·Hq + h)·Nq + i`` of each
+    tile row (-1: empty), and ``blocks (T,)``: the flat key block ``(b·Hkv + hkv)·nkb + j``
+    of each tile. Pairs keep their (head, query) order inside a block (deterministic)."""
+    B, Hq, Nq, K = idx.shape
+    dev = idx.device
+    G = Hq // kv_heads
+    pair = valid.reshape(-1).nonzero().squeeze(1)  # flat (b, h, i, slot) of every pair
+    row = torch.div(pair, K, rounding_mode="floor")
+    bh = torch.div(row, Nq, rounding_mode="floor")  # b·Hq + h
+    b, h = torch.div(bh, Hq, rounding_mode="floor"), bh % Hq
+    key = (b * kv_heads + torch.div(h, G, rounding_mode="floor")) * nkb + idx.reshape(-1)[pair]
+    key, order = torch.sort(key, stable=True)
+    row = row[order]
+    counts = torch.bincount(key, minlength=B * kv_heads * nkb)
+    tile = max(1, min(int(tile), int(counts.max()) if key.numel() else 1))
+    per = torch.div(counts + tile - 1, tile, rounding_mode="floor")  # tiles of each key block
+    tile0 = torch.cumsum(per, 0) - per
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(key.numel(), device=dev) - first[key]
+    at = (tile0[key] + torch.div(rank, tile, rounding_mode="floor")) * tile + rank % tile
+    T = int(per.sum())
+    rows = torch.full((T * tile,), -1, dtype=torch.long, device=dev)
+    rows[at] = row
+    blocks = torch.repeat_interleave(torch.arange(per.numel(), device=dev), per)
+    return rows.view(T, tile), blocks
+
+
+def _mask_at(mask, b, h, i, j):
+    """A bool mask tensor (broadcastable to (B, Hq, Nq, Nk)) or a mask_mod at index grids."""
+    if isinstance(mask, torch.Tensor):
+        return mask[b if mask.shape[0] > 1 else 0, h if mask.shape[1] > 1 else 0,
+                    i if mask.shape[2] > 1 else 0, j if mask.shape[3] > 1 else 0]
+    return mask(b, h, i, j)
+
+
+def _partial(s, vb):
+    """A partial softmax over the last axis of ``s`` (``-inf`` = masked): the row maxima
+    ``m`` (detached; ``-inf`` where nothing is visible), ``Σ e·v`` and ``Σ e`` with
+    ``e = exp(s - m)``."""
+    with torch.no_grad():
+        m = s.amax(-1)
+        m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m_safe.unsqueeze(-1))
+    return m, e @ vb, e.sum(-1)
+
+
+def block_pairs_attention(q, k, v, *, idx, valid, block, scale, causal, mask=None, key_mask=None, own=False,
+                          tile=TILE_ROWS):
+    """Softmax of each query over its selected key blocks ``idx/valid (B, Hq, Nq, K)`` (and,
+    with ``own``, its own block: the one holding its aligned position), block-granular.
+
+    * own blocks: the queries whose own block is ``j`` are scored against block ``j`` in
+      one ``(block, D) @ (D, block)`` product (causal: the triangle);
+    * selected blocks: every (query, block) pair is one row of a tile; pairs are grouped
+      by key block and cut into tiles of ``tile`` rows, so a key block is read once per
+      tile (not once per query) and scored by one ``(tile, D) @ (D, block)`` product.
+
+    Each piece gives a partial softmax (its maximum, ``Σ e``, ``Σ e·v``); a query's pieces
+    are merged exactly (``out = Σ w·num / Σ w·den``, ``w = exp(m - max m)``, the maxima
+    detached). Causality (lower-right), key padding and the user mask (bool tensor or
+    mask_mod) are applied per element where they can exclude a key; a query with
+    nothing visible gets zeros. Under causality the selected blocks are expected before
+    the own block (then they need no causal mask; others are masked). Time and memory
+    O(N·(K+1)·block·D), differentiable in q, k, v.
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) -> (B, Hq, Nq, Dv)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
-    K = idx.shape[-1]
     bs = int(block)
     nkb = num_blocks(Nk, bs)
+    pad = nkb * bs - Nk
     ct = compute_dtype(q.dtype)
+    dev = q.device
     off = Nk - Nq
-    kpad = F.pad(k, (0, 0, 0, nkb * bs - Nk)) if nkb * bs != Nk else k
-    vpad = F.pad(v, (0, 0, 0, nkb * bs - Nk)) if nkb * bs != Nk else v
-    rows = max(1, BLOCK_ELEMENTS // max(1, B * Hq * K * bs * max(D, Dv, 1)))
-    ar = torch.arange(bs, device=q.device)
-    kpm = None if key_mask is None else F.pad(key_mask, (0, nkb * bs - Nk))
-    infos, plan = {}, []
-    for qs in range(0, Nq, rows):
-        qe = min(Nq, qs + rows)
-        si, sv = idx[:, :, qs:qe], valid[:, :, qs:qe]
-        needed = torch.unique(si[sv]) if bool(sv.any()) else si.new_zeros(1)
-        local = torch.searchsorted(needed, si.contiguous()).clamp(max=needed.numel() - 1)
-        infos[qs] = (needed, local, sv)
-        plan.append((qs, qe, (needed.view(-1, 1) * bs + ar).reshape(-1)))
-
-    def seg_fn(qb, kb, vb, item):
-        qs, qe, _ = item
-        needed, local, sv = infos[qs]
-        nb, R = needed.numel(), qe - qs
-        kb = kb.to(ct).reshape(B, Hkv, nb, bs * D)
-        vb = vb.to(ct).reshape(B, Hkv, nb, bs * Dv)
-        li = local.reshape(B, Hkv, G * R * K, 1)
-        kg = torch.gather(kb, 2, li.expand(B, Hkv, G * R * K, bs * D)).view(B, Hkv, G, R, K * bs, D)
-        vg = torch.gather(vb, 2, li.expand(B, Hkv, G * R * K, bs * Dv)).view(B, Hkv, G, R, K * bs, Dv)
-        s = (qb.to(ct).view(B, Hkv, G, R, 1, D) @ kg.transpose(-1, -2)).view(B, Hq, R, K * bs) * scale
-        kp = ((needed[local] * bs).unsqueeze(-1) + ar).reshape(B, Hq, R, K * bs)
-        ok = sv.unsqueeze(-1).expand(B, Hq, R, K, bs).reshape(B, Hq, R, K * bs) & (kp < Nk)
-        if causal:
-            qp = (torch.arange(qs, qe, device=q.device) + off).view(1, 1, R, 1)
-            ok = ok & (kp <= qp)
-        if kpm is not None:
-            ok = ok & kpm[torch.arange(B, device=q.device).view(-1, 1, 1, 1), kp]
-        if mask is not None and not isinstance(mask, torch.Tensor):  # a mask_mod at the gathered pairs
-            ok = ok & mask(torch.arange(B, device=q.device).view(-1, 1, 1, 1),
-                           torch.arange(Hq, device=q.device).view(1, -1, 1, 1),
-                           torch.arange(qs, qe, device=q.device).view(1, 1, R, 1), kp.clamp(max=Nk - 1))
-        elif mask is not None:
-            bi = torch.arange(B, device=q.device).view(-1, 1, 1, 1) if mask.shape[0] > 1 else 0
-            hi = torch.arange(Hq, device=q.device).view(1, -1, 1, 1) if mask.shape[1] > 1 else 0
-            qi = torch.arange(qs, qe, device=q.device).view(1, 1, R, 1) if mask.shape[2] > 1 else 0
-            ki = kp.clamp(max=Nk - 1) if mask.shape[3] > 1 else 0
-            ok = ok & mask[bi, hi, qi, ki]
-        pr = masked_softmax(s, ok)
-        out = pr.view(B, Hkv, G, R, 1, K * bs) @ vg
-        return out.view(B, Hq, R, Dv).to(q.dtype)
-
-    return segmented(seg_fn, plan, q, kpad, vpad)
+    K = idx.shape[-1]
+    BHN = B * Hq * Nq
+    neg = float("-inf")
+    qs = q.to(ct) * scale
+    kp_all = F.pad(k, (0, 0, 0, pad)).to(ct) if pad else k.to(ct)
+    vp_all = F.pad(v, (0, 0, 0, pad)).to(ct) if pad else v.to(ct)
+    bi = torch.arange(B, device=dev)
+    hi = torch.arange(Hq, device=dev)
+    pieces = []  # (m, num, den) per query row, each (BHN,) / (BHN, Dv), for the own blocks
+    if own:
+        o0 = max(off, 0) // bs  # the first key block holding a query position
+        nob = nkb - o0
+        lead = off - o0 * bs  # aligned row a holds query a - lead (negative: queries before the keys cropped)
+        qa = F.pad(qs, (0, 0, lead, pad)).view(B, Hkv, G, nob, bs, D)
+        ka = kp_all[:, :, o0 * bs:].reshape(B, Hkv, 1, nob, bs, D)
+        va = vp_all[:, :, o0 * bs:].reshape(B, Hkv, 1, nob, bs, Dv)
+        so = (qa @ ka.transpose(-1, -2)).view(B, Hq, nob, bs, bs)
+        with torch.no_grad():
+            r = torch.arange(bs, device=dev)
+            ok = None
+            if causal:
+                ok = (r.view(1, -1) <= r.view(-1, 1)).view(1, 1, 1, bs, bs)
+            elif pad:
+                ok = (torch.arange(nob * bs, device=dev) < Nk - o0 * bs).view(1, 1, nob, 1, bs)
+            if key_mask is not None or mask is not None:
+                kpos = (o0 * bs + torch.arange(nob * bs, device=dev)).view(1, 1, nob, 1, bs)
+                ipos = (o0 * bs + torch.arange(nob * bs, device=dev) - off).view(1, 1, nob, bs, 1)
+                kc, ic = kpos.clamp(max=Nk - 1), ipos.clamp(0, Nq - 1)
+                extra = kpos < Nk
+                if key_mask is not None:
+                    extra = extra & key_mask[bi.view(-1, 1, 1, 1, 1), kc]
+                if mask is not None:
+                    extra = extra & _mask_at(mask, bi.view(-1, 1, 1, 1, 1), hi.view(1, -1, 1, 1, 1), ic, kc)
+                ok = extra if ok is None else ok & extra
+        if ok is not None:
+            so = so.masked_fill(~ok, neg)
+        m, num, den = _partial(so.view(B, Hkv, G, nob, bs, bs), va)
+        back = (0, 0, -lead, -pad)  # aligned rows -> query rows (rows before the keys: nothing)
+        m = F.pad(m.reshape(B, Hq, nob * bs, 1), back, value=neg).reshape(BHN)
+        num = F.pad(num.reshape(B, Hq, nob * bs, Dv), back).reshape(BHN, Dv)
+        den = F.pad(den.reshape(B, Hq, nob * bs, 1), back).reshape(BHN)
+        pieces.append((m, num, den))
+    with torch.no_grad():
+        idx, valid = idx.expand(B, Hq, Nq, K), valid.expand(B, Hq, Nq, K)
+        rows, blocks = _tiles(idx, valid, kv_heads=Hkv, nkb=nkb, tile=tile)
+        T, tile = rows.shape
+        filled = rows >= 0
+        flat = torch.where(filled, rows, torch.full_like(rows, BHN))  # empty rows: a spare row
+        kpos = ((blocks % nkb) * bs).view(T, 1, 1) + torch.arange(bs, device=dev)  # (T, 1, bs)
+        ok = None
+        if pad and not causal:
+            ok = kpos < Nk
+        late = causal and bool(((idx >= (torch.div(aligned_positions(Nq, Nk, dev).clamp(min=0), bs,
+                                                      rounding_mode="floor")).view(1, 1, Nq, 1)) & valid).any())
+        if key_mask is not None or mask is not None or late:
+            rc = rows.clamp(min=0)
+            bq = torch.div(rc, Hq * Nq, rounding_mode="floor").unsqueeze(-1)  # (T, tile, 1)
+            hq = (torch.div(rc, Nq, rounding_mode="floor") % Hq).unsqueeze(-1)
+            iq = (rc % Nq).unsqueeze(-1)
+            kc = kpos.clamp(max=Nk - 1)
+            extra = kpos < Nk
+            if late:
+                extra = extra & (kpos <= iq + off)
+            if key_mask is not None:
+                extra = extra & key_mask[torch.div(blocks, Hkv * nkb, rounding_mode="floor").view(T, 1, 1), kc]
+            if mask is not None:
+                extra = extra & _mask_at(mask, bq, hq, iq, kc)
+            ok = extra if ok is None else ok & extra
+    qrows = torch.cat([qs.reshape(BHN, D), qs.new_zeros(1, D)])  # the spare row: a zero query
+    qt = qrows.index_select(0, flat.view(-1)).view(T, tile, D)
+    kt = kp_all.reshape(B * Hkv * nkb, bs, D).index_select(0, blocks)
+    vt = vp_all.reshape(B * Hkv * nkb, bs, Dv).index_select(0, blocks)
+    st = torch.bmm(qt, kt.transpose(1, 2))
+    if ok is not None:
+        st = st.masked_fill(~ok, neg)
+    m_t, num_t, den_t = _partial(st, vt)
+    with torch.no_grad():
+        m_t = m_t.masked_fill(~filled, neg).view(-1)
+        flat = flat.view(-1)
+        top = torch.full((BHN + 1,), neg, dtype=ct, device=dev).scatter_reduce(0, flat, m_t, reduce="amax")
+        for m, _, _ in pieces:
+            top[:BHN] = torch.maximum(top[:BHN], m)
+        top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+        w_t = torch.exp(m_t - top[flat])  # 0 for empty rows and pairs with nothing visible
+        w_own = [torch.exp(m - top[:BHN]) for m, _, _ in pieces]
+    out = torch.zeros(BHN + 1, Dv, dtype=ct, device=dev).index_add(0, flat, num_t.view(-1, Dv) * w_t.unsqueeze(-1))
+    tot = torch.zeros(BHN + 1, dtype=ct, device=dev).index_add(0, flat, den_t.view(-1) * w_t)
+    out, tot = out[:BHN], tot[:BHN]
+    for (_, num, den), w in zip(pieces, w_own):
+        out = out + num * w.unsqueeze(-1)
+        tot = tot + den * w
+    tot = tot.unsqueeze(-1)
+    empty = tot == 0  # nothing visible: zeros
+    out = torch.where(empty, torch.zeros_like(out), out / torch.where(empty, torch.ones_like(tot), tot))
+    return out.view(B, Hq, Nq, Dv).to(q.dtype)
 
 
 def _gather_supports(call) -> Optional[str]:
@@ -363,8 +511,8 @@ def gather_attention(q, k, v, call):
                                key_mask=call.key_mask)
         if density is not None:
             stats.report("density", density)
-    return gather_attention_per_query(q, k, v, idx=idx, valid=valid, block=bs, scale=call.scale,
-                                      causal=call.causal, mask=call.mask, key_mask=call.key_mask)
+    return block_pairs_attention(q, k, v, idx=idx[..., 1:], valid=valid[..., 1:], own=True, block=bs,
+                                 scale=call.scale, causal=call.causal, mask=call.mask, key_mask=call.key_mask)
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -416,4 +564,5 @@ class LandmarkDecoder(Decoder):
             lm = torch.cat([lm, lm.new_zeros(lm.shape[0], lm.shape[1], nkb - done, lm.shape[3])], dim=2)
         idx, valid = select(q, keys, causal=True, key_mask=None, scale=scale, block_size=bs, topk=options.topk,
                             landmarks=lm)
-        return gather_attention_per_query(q, keys, values, idx=idx, valid=valid, block=bs, scale=scale, causal=True)
+        return block_pairs_attention(q, keys, values, idx=idx[..., 1:], valid=valid[..., 1:], own=True, block=bs,
+                                     scale=scale, causal=True)
