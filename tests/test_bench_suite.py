@@ -178,3 +178,18 @@ def test_resume_after_a_kill_loses_nothing_and_duplicates_nothing(tmp_path):
     assert all(line.startswith("{") and line.endswith("}") for line in results.read_text().splitlines())
     _, planned = sweep.efficiency_plan(sweep.efficiency_settings(load_config(str(config))[0]))
     assert set(keys) == {c.key() for c in planned}
+
+
+def test_grid_methods_are_checked_at_the_checks_own_length(tmp_path):
+    """A vision method's options sized for the case (grid=(16, 16) at N = 256) must not
+    reach the quick check, whose tensors are much shorter: the check sizes its own."""
+    s = sweep.efficiency_settings({}, {"methods": "window,halo", "patterns": "noncausal_self", "lengths": "256", "dtypes": "float32",
+                                       "modes": "fwd", "heads": 2, "head_dim": 8, "repeats": 1})
+    checks, cases = sweep.efficiency_plan(s)
+    assert [dict(c.options)["grid"] for c in cases if c.method == "window"] == [(16, 16)]
+    assert all(not item[3] for item in checks)  # no sized option in a check item
+    with ResultsFile(tmp_path / "e.jsonl", resume=False) as results:
+        out = sweep.run_efficiency(s, checks, cases, results, "r", isolate=False)
+    assert {r.case.method: r.status for r in out} == {"torch_sdpa": "ok", "window": "ok", "halo": "ok"}
+    checked = [r for r in read_records(tmp_path / "e.jsonl") if r.get("kind") == "check"]
+    assert {r["method"] for r in checked} == {"window", "halo"} and all(r["status"] == "ok" for r in checked)

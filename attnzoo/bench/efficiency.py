@@ -12,6 +12,14 @@ tensors above the inputs during one more call, from the profiler's memory timeli
 (about a second more per case: the profiler starts in each fresh worker); on CUDA
 (``device="cuda"``) it is the allocator's peak, and the calls are synchronised. The
 report uses ``peak_alloc_mib`` where it exists.
+
+Trust: each case records the torch threads it actually ran with (read inside its worker),
+the load around its timed repeats (:func:`attnzoo.bench.worker.load_between`: load
+average, other processes' CPU, steal, own CPU time against wall time), and the spread
+(max - min) / median of its repeats. A case whose spread exceeds ``noise_threshold`` is
+timed again, up to ``noise_retries`` more times, the quietest attempt kept; a case still
+above the threshold is flagged ``noisy``, and one whose threads found no free core
+(contention above ``load_threshold``) ``loaded``. The report warns about both.
 """
 
 from __future__ import annotations
@@ -27,7 +35,13 @@ import torch
 
 from .. import registry
 from ..errors import AttentionInputError
-from .worker import peak_rss_mib, reset_peak_rss, rss_mib, run_isolated
+from .worker import load_between, load_snapshot, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated
+
+#: How a case's timing is judged (the sweep's ``noise_threshold``, ``noise_retries`` and
+#: ``load_threshold`` settings): spread (max - min) / median above ``threshold`` is noise
+#: and is re-measured up to ``retries`` more times; contention above ``load_threshold``
+#: (the fraction of the case's threads that found no free core) marks a loaded machine.
+NOISE_DEFAULTS = {"threshold": 0.25, "retries": 2, "load_threshold": 0.25}
 
 #: The baseline every method is compared with: torch's own SDPA, called directly.
 BASELINE = "torch_sdpa"
@@ -57,16 +71,21 @@ class BenchCase:
     error: bool = False  # also measure the output's error against exact softmax (SDPA)
     device: str = "cpu"  # "cuda": timed with synchronisation, plus the allocator's peak
     tensor_memory: bool = False  # CPU: also the peak of live tensors, profiled (~1 s more per case)
+    threads: Optional[int] = None  # torch threads set inside the case's process (None: torch's default)
 
     @property
     def label(self) -> str:
         return label(self.method, self.impl)
 
     def key(self) -> str:
-        """Identifies the case in a results file (``--resume`` skips keys already there)."""
+        """Identifies the case in a results file (``--resume`` skips keys already there).
+        ``threads`` enters the key only when set, so results from before it existed resume."""
         from .results import jsonable
 
-        return "efficiency|" + json.dumps(jsonable(asdict(self)), sort_keys=True)
+        fields = asdict(self)
+        if fields["threads"] is None:
+            del fields["threads"]
+        return "efficiency|" + json.dumps(jsonable(fields), sort_keys=True)
 
 
 @dataclass
@@ -80,6 +99,15 @@ class BenchResult:
     density: Optional[float] = None  # fraction of the visible keys used, when the method reports it
     max_error: Optional[float] = None  # max |out - softmax(q, k, v)|, with BenchCase.error
     peak_alloc_mib: Optional[float] = None  # the device allocator's peak above the inputs (CUDA)
+    threads: Optional[int] = None  # torch.get_num_threads() inside the worker, while the case ran
+    load: Optional[dict] = None  # the load around the kept attempt (worker.load_between)
+    noisy: bool = False  # the spread stayed above the threshold after every retry
+    loaded: bool = False  # the case's threads found no free core (contention above load_threshold)
+    attempts: int = 1  # timed attempts (1 + re-measurements of a noisy case)
+    spreads: list = field(default_factory=list)  # the spread of each attempt
+    noise_threshold: Optional[float] = None
+    memory_measure: Optional[str] = None  # what peak_alloc_mib is: "tensor" (profiler), "allocator" (CUDA)
+    wall_s: Optional[float] = None  # the whole case, worker start to result (what it cost the sweep)
 
     @property
     def median_s(self) -> Optional[float]:
@@ -88,19 +116,31 @@ class BenchResult:
     @property
     def spread(self) -> Optional[float]:
         """(max - min) / median of the timed repeats."""
-        m = self.median_s
-        return (max(self.times_s) - min(self.times_s)) / m if m else None
+        return spread(self.times_s)
 
     def record(self, run_id: Optional[str] = None) -> dict:
-        """The JSON record of the case (see :mod:`attnzoo.bench.results`)."""
+        """The JSON record of the case (see :mod:`attnzoo.bench.results`). ``threads`` is
+        the count measured inside the worker (None when the case produced no measurement);
+        ``threads_requested`` the one the sweep asked for."""
         from .results import jsonable
 
         out = {"kind": "efficiency", "key": self.case.key(), **asdict(self.case)}
         out.update(options=jsonable(dict(self.case.options)), label=self.case.label, status=self.status,
                    times_s=self.times_s, median_s=self.median_s, spread=self.spread, peak_mib=self.peak_mib,
                    impl_used=self.impl_used, error=self.error, density=self.density, max_error=self.max_error,
-                   peak_alloc_mib=self.peak_alloc_mib, run_id=run_id)
+                   peak_alloc_mib=self.peak_alloc_mib, threads=self.threads, threads_requested=self.case.threads,
+                   load=self.load, noisy=self.noisy, loaded=self.loaded, attempts=self.attempts,
+                   spreads=self.spreads, noise_threshold=self.noise_threshold,
+                   memory_measure=self.memory_measure, wall_s=self.wall_s, run_id=run_id)
         return out
+
+
+def spread(times: list) -> Optional[float]:
+    """(max - min) / median of ``times``; None when empty or the median is 0."""
+    if not times:
+        return None
+    m = statistics.median(times)
+    return (max(times) - min(times)) / m if m else None
 
 
 def parse_methods(spec: str) -> list[tuple[str, str]]:
@@ -219,8 +259,47 @@ def _runner(case: BenchCase):
     return call, spec.select(case.impl, info).name
 
 
-def measure(case: BenchCase) -> dict:
-    """Run in the worker: peak memory of the first call, then the median of ``repeats``."""
+#: the clock the repeats are timed with (a test may replace it with a simulated one)
+clock = time.perf_counter
+
+
+def _timed(once, repeats: int, sync, threads: int) -> tuple:
+    """``(times, load)``: ``repeats`` timed calls, and the load around them."""
+    before = load_snapshot()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = clock()
+        once()
+        sync()
+        times.append(clock() - t0)
+    return times, load_between(before, load_snapshot(), threads)
+
+
+def time_repeats(once, repeats: int, sync=lambda: None, noise: Optional[dict] = None) -> dict:
+    """Time ``once`` ``repeats`` times; while the spread exceeds the threshold, time it
+    again (``retries`` more attempts at most) and keep the quietest attempt. Returns
+    ``times_s``, ``load``, ``noisy``, ``loaded``, ``attempts``, ``spreads``,
+    ``noise_threshold`` and ``threads`` (this process's torch threads)."""
+    policy = {**NOISE_DEFAULTS, **(noise or {})}
+    threads = torch.get_num_threads()
+    attempts = []
+    for _ in range(1 + max(0, int(policy["retries"]))):
+        times, load = _timed(once, repeats, sync, threads)
+        attempts.append((times, load))
+        if (spread(times) or 0.0) <= policy["threshold"]:
+            break
+    times, load = min(attempts, key=lambda a: spread(a[0]) or 0.0)
+    contention = load.get("contention")
+    return {"times_s": times, "load": load, "noisy": (spread(times) or 0.0) > policy["threshold"],
+            "loaded": contention is not None and contention > policy["load_threshold"],
+            "attempts": len(attempts), "spreads": [spread(t) for t, _ in attempts],
+            "noise_threshold": policy["threshold"], "threads": threads}
+
+
+def measure(case: BenchCase, noise: Optional[dict] = None) -> dict:
+    """Run in the worker: peak memory of the first call, then the median of ``repeats``
+    (re-timed while noisy, see :func:`time_repeats`); the torch threads it ran with."""
     torch.manual_seed(0)
     backward = case.mode == "fwd+bwd"
     call, used = _runner(case)
@@ -273,28 +352,36 @@ def measure(case: BenchCase) -> dict:
             exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                    enable_gqa=k.shape[1] != q.shape[1])
             max_error = float((out - exact).abs().max())
-    times = []
-    for _ in range(case.repeats):
-        sync()
-        t0 = time.perf_counter()
-        once()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return {"times_s": times, "peak_mib": peak, "impl_used": used, "density": density, "max_error": max_error,
-            "peak_alloc_mib": peak_alloc}
+    timing = time_repeats(once, case.repeats, sync, noise)
+    measure_name = "allocator" if cuda else ("tensor" if peak_alloc is not None else None)
+    return {**timing, "peak_mib": peak, "impl_used": used, "density": density, "max_error": max_error,
+            "peak_alloc_mib": peak_alloc, "memory_measure": measure_name}
 
 
-def run_case(case: BenchCase, timeout: float = 600.0, isolate: bool = True, memory_limit_mib=None) -> BenchResult:
+def run_case(case: BenchCase, timeout: float = 600.0, isolate: bool = True, memory_limit_mib=None,
+             noise: Optional[dict] = None) -> BenchResult:
+    """Measure ``case`` in its own worker process (in this one without ``isolate``), with
+    ``case.threads`` torch threads set there; ``noise``: :data:`NOISE_DEFAULTS` overrides."""
+    t0 = time.perf_counter()
     if not isolate:
+        from .worker import _out_of_memory
+
+        before = torch.get_num_threads()
         try:
-            return BenchResult(case, "ok", **measure(case))
+            if case.threads:
+                torch.set_num_threads(case.threads)
+            result = BenchResult(case, "ok", **measure(case, noise))
         except Exception as e:  # noqa: BLE001
-            return BenchResult(case, "error", error=f"{type(e).__name__}: {e}")
-    cuda = torch.device(case.device).type == "cuda"  # the CUDA runtime maps huge address ranges: no cap
-    status, value = run_isolated(measure, (case,), timeout, None if cuda else memory_limit_mib)
-    if status == "ok":
-        return BenchResult(case, "ok", **value)
-    return BenchResult(case, status, error=str(value))
+            result = BenchResult(case, "oom" if _out_of_memory(e) else "error", error=f"{type(e).__name__}: {e}")
+        finally:
+            torch.set_num_threads(before)
+    else:
+        cuda = torch.device(case.device).type == "cuda"  # the CUDA runtime maps huge address ranges: no cap
+        status, value = run_isolated(measure, (case, noise), timeout, None if cuda else memory_limit_mib,
+                                     threads=case.threads)
+        result = BenchResult(case, "ok", **value) if status == "ok" else BenchResult(case, status, error=str(value))
+    result.wall_s = time.perf_counter() - t0
+    return result
 
 
 def build_cases(methods: list, lengths: Iterable[int], modes: Iterable[str], patterns: Iterable[str], dtype: str,
@@ -382,10 +469,12 @@ class DecodeCase:
     head_dim: int = 64
     steps: int = 32
     options: tuple = ()
+    threads: Optional[int] = None  # torch threads set inside the case's process (None: torch's default)
 
 
 def measure_decode(case: DecodeCase) -> dict:
-    """Prefill ``position`` tokens in one chunked step, then time single-token steps."""
+    """Prefill ``position`` tokens in one chunked step, then time single-token steps; the
+    torch threads it ran with and the load around the steps."""
     from .. import decoding
 
     torch.manual_seed(0)
@@ -411,16 +500,34 @@ def measure_decode(case: DecodeCase) -> dict:
         reset_peak_rss()
         base = rss_mib()
         times = []
+        before = load_snapshot()
         for t in range(case.position, case.position + case.steps + 1):
             t0 = time.perf_counter()
             decoding.step(case.method, state, queries(t, t + 1), k[:, :, t:t + 1], v[:, :, t:t + 1], **options)
             times.append(time.perf_counter() - t0)
+        threads = torch.get_num_threads()
+        load = load_between(before, load_snapshot(), threads)
     nbytes = state.nbytes() if hasattr(state, "nbytes") else None
-    return {"times_s": times[1:], "peak_mib": max(0.0, peak_rss_mib() - base), "state_bytes": nbytes}
+    return {"times_s": times[1:], "peak_mib": max(0.0, peak_rss_mib() - base), "state_bytes": nbytes,
+            "threads": threads, "load": load}
 
 
-def run_decode(case: DecodeCase, timeout: float = 600.0) -> dict:
-    status, value = run_isolated(measure_decode, (case,), timeout)
+def run_decode(case: DecodeCase, timeout: float = 600.0, memory_limit_mib=None) -> dict:
+    """``{"case", "status", ...}``: ``"ok"`` with ``median_s`` and the measurement, or the
+    worker's ``"oom"`` / ``"timeout"`` / ``"error"`` with ``error`` (never a timing)."""
+    status, value = run_isolated(measure_decode, (case,), timeout, memory_limit_mib, threads=case.threads)
     if status != "ok":
-        return {"case": case, "status": status, "error": str(value)}
+        return {"case": case, "status": status, "error": str(value), "median_s": None}
     return {"case": case, "status": "ok", "median_s": statistics.median(value["times_s"]), **value}
+
+
+def decode_growth(first: Optional[dict], last: Optional[dict]) -> tuple:
+    """``(ratio, status)`` of the step time at the last position over the first: the ratio
+    when both ran, else None and the status of the end that did not (``"oom"``, ...) —
+    never a ratio against an earlier position's value."""
+    for end in (last, first):
+        if end is None:
+            return None, "missing"
+        if end.get("status") != "ok" or not end.get("median_s"):
+            return None, str(end.get("status") or "missing")
+    return last["median_s"] / first["median_s"], "ok"

@@ -105,11 +105,18 @@ MUTED = ("—", "muted")
 
 
 def _status_cell(case):
-    return (status_text(case.status), "bad")
+    return (status_text(case.status), "muted" if case.status == "skipped" else "bad")
 
 
-def _eff_len_cell(e) -> tuple:
-    return (format_efficiency_length(e.value, e.lengths), "good" if e.value is not None else "")
+#: the mark of a figure that cannot be trusted (noisy, loaded machine, fwd+bwd < fwd); never green
+SUSPECT = "⚠"
+
+
+def _eff_len_cell(e, flagged: bool = False) -> tuple:
+    text = format_efficiency_length(e.value, e.lengths)
+    if flagged:
+        return (f"{text} {SUSPECT}", "")
+    return (text, "good" if e.value is not None else "")
 
 
 def _acc(cell) -> tuple:
@@ -137,6 +144,8 @@ def summary_line(c: Counts) -> str:
         parts.append(f"{c.tasks.total} task runs ({c.tasks.ok} ok{others(c.tasks)})")
     if c.decode:
         parts.append(f"{c.decode.total} decode cases ({c.decode.failing} failing)")
+    if c.claims:
+        parts.append(f"{c.claims.total} claims checked ({c.claims.ok} ok{others(c.claims)})")
     return "; ".join(parts) + "." if parts else "nothing to report."
 
 
@@ -178,9 +187,10 @@ def summary_table(s) -> Table:
             elif not g.has_baseline:
                 row += [("no baseline", "muted")] * 2
             else:
-                row += [(format_efficiency_length(e.value, e.lengths),
-                         "good" if e.value is not None else ("muted" if not e.lengths else ""))
-                        for e in (series.eff_time, series.eff_mem)]
+                # timing flags bear on the time column only: memory is measured once, not timed
+                row += [(format_efficiency_length(e.value, e.lengths) + (f" {SUSPECT}" if flagged else ""),
+                         "muted" if not e.lengths else ("good" if e.value is not None and not flagged else ""))
+                        for e, flagged in ((series.eff_time, series.flagged), (series.eff_mem, False))]
         rows.append(row)
     return Table(["method"] + [f"{g.pattern} {k}" for g in s.groups for k in ("time", "memory")], rows)
 
@@ -199,13 +209,16 @@ def eff_table(g) -> Table:
             if c is None:
                 row.append(MUTED)
             elif c.ok:
-                row.append(_num(c.median_ms) + (f" ±{c.spread * 100:.0f}%" if c.spread is not None else ""))
+                row.append(_num(c.median_ms) + (f" ±{c.spread * 100:.0f}%" if c.spread is not None else "")
+                           + (f" {SUSPECT}" if c.flags else ""))
             else:
                 row.append(_status_cell(c))
         for n in g.lengths:
             c = s.case(n)
             if c is not None and c.ratio is not None:
-                row.append((_ratio(c.ratio), "good" if c.ratio < 1 and not s.baseline else ""))
+                # a flagged case (or baseline) is never highlighted as faster than SDPA
+                row.append((_ratio(c.ratio) + ("" if c.trusted else f" {SUSPECT}"),
+                            "good" if c.ratio < 1 and not s.baseline and c.trusted else ""))
             elif c is not None and not c.ok:
                 row.append(_status_cell(c))
             else:
@@ -218,7 +231,7 @@ def eff_table(g) -> Table:
         elif not g.has_baseline:
             row += [("no baseline", "muted")] * 2
         else:
-            row += [_eff_len_cell(s.eff_time), _eff_len_cell(s.eff_mem)]
+            row += [_eff_len_cell(s.eff_time, s.flagged), _eff_len_cell(s.eff_mem)]
         if g.show_density:
             row.append(_num(s.density_at_max) if s.density_at_max is not None else "—")
         if g.show_error:
@@ -237,8 +250,11 @@ def failures_table(failures) -> Table:
 def decode_table(d) -> Table:
     rows = []
     for r in d.rows:
-        cells = [MUTED if c is None else _num(c.median_ms) if c.ok else _status_cell(c) for c in r.cases]
-        rows.append([r.method, *cells, _ratio(r.growth), _num(r.state_mib) if r.state_mib is not None else "—"])
+        cells = [MUTED if c is None else (_num(c.median_ms) + (f" {SUSPECT}" if c.flags else "")) if c.ok
+                 else _status_cell(c) for c in r.cases]
+        growth = (_ratio(r.growth) if r.growth is not None
+                  else (status_text(r.growth_status), "bad") if r.growth_status not in ("ok", "missing") else MUTED)
+        rows.append([r.method, *cells, growth, _num(r.state_mib) if r.state_mib is not None else "—"])
     first, last = d.positions[0], d.positions[-1]
     return Table(["method"] + [f"ms @{p}" for p in d.positions] + [f"@{last} / @{first}", f"state MiB @{last}"],
                  rows)
@@ -275,8 +291,41 @@ def task_runs_table(runs) -> Table:
                   "params"], rows, set(range(5)))
 
 
+def banner_items(t, limit: int = 12) -> list:
+    """The banner's lines: what cannot be trusted, each naming the cases (at most ``limit``)."""
+
+    def names(items):
+        more = len(items) - limit
+        return "; ".join(items[:limit]) + (f"; … and {more} more (marked {SUSPECT} below)" if more > 0 else "")
+
+    out = []
+    if t.noisy:
+        out.append(f"**{len(t.noisy)} noisy case(s)**: spread (max − min) / median still above "
+                   f"{t.noise_threshold * 100:.0f}% after the re-measurements: {names(t.noisy)}.")
+    if t.loaded:
+        out.append(f"**Loaded machine**: {len(t.loaded)} case(s) ran while other processes took the cores they "
+                   f"needed" + (f" ({t.loaded_detail})" if t.loaded_detail else "") + f": {names(t.loaded)}.")
+    if t.inverted:
+        out.append(f"**fwd+bwd faster than fwd** (impossible: one of the two is noise): {names(t.inverted)}.")
+    if t.negative:
+        out.append(f"**Negative scaling exponents** (time falling as N grows: noise or a too-short range): "
+                   f"{names(t.negative)}.")
+    if t.threads:
+        out.append("**Mixed thread counts**: the cases ran with different torch threads ("
+                   + ", ".join(f"{n} thread(s): {c} case(s)" for n, c in t.threads) + "): not comparable.")
+    return out
+
+
+def claims_table(c) -> Table:
+    verdict = {"holds": "good", "does not hold": "bad", "cannot test on CPU": "muted"}
+    rows = [[f"{ln.claim} ({ln.paper})", ln.paper_figure, ln.our_figure,
+             (ln.verdict, verdict.get(ln.verdict, "")) if ln.verdict else (f"ERROR: {_short(ln.error, 200)}", "bad"),
+             ln.rule] for ln in c.lines]
+    return Table(["claim (paper)", "paper's figure", "our figure, same run", "verdict", "rule"], rows, set(range(5)))
+
+
 VIEWS = {f.__name__: f for f in (runs_table, checks_table, summary_table, eff_table, failures_table, decode_table,
-                                 task_table, setting_table, failed_tasks_table, task_runs_table)}
+                                 task_table, setting_table, failed_tasks_table, task_runs_table, claims_table)}
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -299,7 +348,8 @@ def _environment():
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
         extensions=["jinja2.ext.do"])
     env.filters.update(cell=_md_cell, short=_short, oneline=_oneline)
-    env.globals.update(VIEWS, summary_line=summary_line, plots_dir=PLOTS, baseline=BASELINE)
+    env.globals.update(VIEWS, summary_line=summary_line, plots_dir=PLOTS, baseline=BASELINE,
+                       banner_items=banner_items, suspect=SUSPECT)
     return env
 
 

@@ -13,6 +13,12 @@ these structures; nothing here formats Markdown or draws.
 Record kinds (field ``kind``): ``run`` (one per invocation), ``check`` (the quick
 fast-vs-reference check before timing), ``efficiency`` (one timed case), ``task`` (one
 trained model) and ``decode`` (one decode-step timing).
+
+Trust (:class:`Trust`, the report's banner): the cases flagged ``noisy`` (their spread
+stayed above the threshold after the re-measurements; records without the flag are judged
+by their spread), ``loaded`` (other processes took the cores the case needed), a fwd+bwd
+faster than its own fwd, negative time-scaling exponents, and mixed thread counts. A
+flagged case's ratio is never shown as a win.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import AttentionInputError
-from .efficiency import BASELINE, efficiency_length, scaling_exponent
+from .efficiency import BASELINE, NOISE_DEFAULTS, efficiency_length, scaling_exponent
 from .efficiency import label as series_label
 
 MATPLOTLIB_HINT = "attnzoo report needs matplotlib: pip install 'attnzoo[bench]'"
@@ -37,6 +43,7 @@ PATTERN_ORDER = ["noncausal_self", "causal_self", "noncausal_cross", "causal_cro
 MODE_ORDER = ["fwd", "fwd+bwd"]
 DTYPE_ORDER = ["float32", "bfloat16", "float16", "float64"]
 STATUS_TEXT = {"oom": "OOM", "timeout": "TIMEOUT", "error": "ERROR", "failed_check": "FAILED CHECK",
+               "skipped": "NOT TIMED",
                "failed": "FAILED"}
 #: statuses of a case that ran out of a resource (the other side of the comparison is the cheaper one)
 OUT_OF = ("oom", "timeout")
@@ -68,13 +75,14 @@ class Results:
     efficiency: list = field(default_factory=list)
     tasks: list = field(default_factory=list)
     decode: list = field(default_factory=list)
+    claims: list = field(default_factory=list)  # `attnzoo bench claims` rows
     skipped: list = field(default_factory=list)  # (file name, line number) of malformed lines
     duplicates: int = 0  # records replaced by a later one with the same key
     unknown: int = 0  # records of an unknown kind
 
     @property
     def empty(self) -> bool:
-        return not (self.runs or self.checks or self.efficiency or self.tasks or self.decode)
+        return not (self.runs or self.checks or self.efficiency or self.tasks or self.decode or self.claims)
 
 
 def load_results(results_dir) -> Results:
@@ -111,7 +119,7 @@ def load_results(results_dir) -> Results:
                     runs.pop(rid, None)
                     runs[rid] = rec
                     continue
-                if kind not in ("check", "efficiency", "task", "decode"):
+                if kind not in ("check", "efficiency", "task", "decode", "claim"):
                     res.unknown += 1
                     continue
                 key = rec.get("key")
@@ -125,7 +133,8 @@ def load_results(results_dir) -> Results:
                 keyed[k] = rec
     res.runs = list(runs.values())
     for (kind, _), rec in keyed.items():
-        {"check": res.checks, "efficiency": res.efficiency, "task": res.tasks, "decode": res.decode}[kind].append(rec)
+        {"check": res.checks, "efficiency": res.efficiency, "task": res.tasks, "decode": res.decode,
+         "claim": res.claims}[kind].append(rec)
     if res.empty:
         raise ReportError(f"no benchmark records in {str(d)!r} (read {', '.join(res.files)}; "
                           f"{len(res.skipped)} malformed line(s))")
@@ -225,6 +234,7 @@ class Counts:
     checks: Optional[Tally]
     tasks: Optional[Tally]
     decode: Optional[Tally]
+    claims: Optional[Tally] = None
 
 
 @dataclass
@@ -289,10 +299,19 @@ class Case:
     mode: str
     dtype: str
     device: str  # the record's device ("cpu", "cuda")
+    flags: list = field(default_factory=list)  # why its timing cannot be trusted: "noisy", "loaded", "fwd+bwd < fwd"
+    base_flags: list = field(default_factory=list)  # the same, of the baseline case its ratio divides by
+    threads: Optional[int] = None  # torch threads the worker ran with (measured there)
+    load: Optional[dict] = None  # the load around the case (attnzoo.bench.worker.load_between)
 
     @property
     def median_ms(self) -> Optional[float]:
         return self.median_s * 1e3 if self.median_s is not None else None
+
+    @property
+    def trusted(self) -> bool:
+        """Neither this case nor the baseline of its ratio is flagged."""
+        return not (self.flags or self.base_flags)
 
 
 @dataclass
@@ -326,6 +345,31 @@ class Series:
     def case(self, n) -> Optional[Case]:
         return self.cases.get(n)
 
+    @property
+    def flagged(self) -> bool:
+        """Some case of the series (or the baseline at its length) is flagged: its
+        efficiency lengths may rest on a noise artefact."""
+        return any(not c.trusted for c in self.cases.values())
+
+
+#: what each memory measure is, as the plots' axes and the tables say it
+MEMORY_LABELS = {
+    "tensor": "peak of live tensors above the inputs (MiB, profiler)",
+    "allocator": "allocator peak above the inputs (MiB, CUDA)",
+    "rss": "resident-set growth during the first call (MiB)",
+    "mixed": "peak memory (MiB): live tensors where profiled, else resident-set growth",
+}
+
+
+def memory_measure(rec) -> str:
+    """What a record's memory figure (:func:`_mem`) is: ``tensor``, ``allocator`` or ``rss``."""
+    if rec.get("peak_alloc_mib") is None:
+        return "rss"
+    m = rec.get("memory_measure")
+    if m in ("tensor", "allocator"):
+        return m
+    return "allocator" if str(rec.get("device") or "cpu").startswith("cuda") else "tensor"
+
 
 @dataclass
 class Group:
@@ -339,9 +383,14 @@ class Group:
     show_density: bool
     show_error: bool
     plot: str  # the file name of its time/memory plot
+    mem_measure: str = "rss"  # what its memory figures are (MEMORY_LABELS), "mixed" when they differ
 
     def get(self, label) -> Optional[Series]:
         return next((s for s in self.series if s.label == label), None)
+
+    @property
+    def mem_label(self) -> str:
+        return MEMORY_LABELS[self.mem_measure]
 
 
 @dataclass
@@ -381,16 +430,37 @@ class Efficiency:
     summary: Optional[Summary]
     sections: list  # [Section]
     failures: list  # [Failure]
+    skipped: list = field(default_factory=list)  # [(label, [pattern], [supported pattern])] not run
+    budget: list = field(default_factory=list)  # ["label pattern mode N=n"] not timed: over skip_ratio
+
+
+@dataclass
+class Trust:
+    """Why figures of the report cannot be trusted (empty lists: nothing found). Each
+    item names a case or a series; ``any`` says whether the banner is shown."""
+
+    noisy: list = field(default_factory=list)  # ["label pattern mode N=n (spread ±x%)"]
+    loaded: list = field(default_factory=list)  # ["label pattern mode N=n"]
+    loaded_detail: str = ""  # the load seen: other processes' cores, load average, cores
+    inverted: list = field(default_factory=list)  # ["label pattern N=n: fwd+bwd a ms < fwd b ms"]
+    negative: list = field(default_factory=list)  # ["label pattern mode: exponent e"]
+    threads: list = field(default_factory=list)  # [(threads, case count)] when the cases differ
+    noise_threshold: float = NOISE_DEFAULTS["threshold"]
+
+    @property
+    def any(self) -> bool:
+        return bool(self.noisy or self.loaded or self.inverted or self.negative or self.threads)
 
 
 @dataclass
 class DecodeRow:
     method: str
     cases: list  # [Case or None] per position
-    growth: Optional[float]  # step time at the last position / at the first
+    growth: Optional[float]  # step time at the last position / at the first (None unless both ran)
     state_mib: Optional[float]  # state size at the last position that reports one
     points: list  # [(position, ms)] of the ok cases
     first_failure: Optional[Case]
+    growth_status: str = "ok"  # the status of the end that did not run ("oom", "timeout", "missing")
 
 
 @dataclass
@@ -398,6 +468,7 @@ class Decode:
     positions: list
     rows: list  # [DecodeRow]
     plot: str
+    skipped: list = field(default_factory=list)  # the chosen methods without decoding
 
 
 @dataclass
@@ -475,6 +546,8 @@ class ReportData:
     decode: Optional[Decode]
     tasks: Optional[Tasks]
     configs: list  # [(json text, [run id])] the distinct configs and the runs that used each
+    claims: Optional[object] = None  # attnzoo.bench.claims.ClaimsSection
+    trust: Optional[Trust] = None  # why some figures cannot be trusted (the banner)
 
 
 # ------------------------------------------------------------------------------ building
@@ -482,12 +555,15 @@ class ReportData:
 
 def build_report(res: Results) -> ReportData:
     """Every number of the report, from the loaded records."""
-    return ReportData(header=_header(res), checks=_checks(res), efficiency=_efficiency(res), decode=_decode(res),
-                      tasks=_tasks(res), configs=_configs(res))
+    efficiency, decode = _efficiency(res), _decode(res)
+    return ReportData(header=_header(res), checks=_checks(res), efficiency=efficiency, decode=decode,
+                      tasks=_tasks(res), configs=_configs(res), claims=_claims(res),
+                      trust=_trust(res, efficiency, decode))
 
 
 def counts(res: Results) -> Counts:
-    return Counts(Tally.of(res.efficiency), Tally.of(res.checks), Tally.of(res.tasks), Tally.of(res.decode))
+    return Counts(Tally.of(res.efficiency), Tally.of(res.checks), Tally.of(res.tasks), Tally.of(res.decode),
+                  Tally.of(res.claims))
 
 
 def distinct_commits(res: Results) -> list:
@@ -525,6 +601,24 @@ def _checks(res: Results) -> Optional[Checks]:
     return Checks(len(res.checks), leaks, failed)
 
 
+def _flags(rec) -> list:
+    """``["noisy"]``, ``["loaded"]``, both or none: the record's own flags; a record from
+    before the flags existed is noisy when its spread exceeds the default threshold."""
+    if not _ok(rec):
+        return []
+    out = []
+    if "noisy" in rec:
+        noisy = bool(rec["noisy"])
+    else:
+        sp = _spread(rec)
+        noisy = sp is not None and sp > (rec.get("noise_threshold") or NOISE_DEFAULTS["threshold"])
+    if noisy:
+        out.append("noisy")
+    if rec.get("loaded"):
+        out.append("loaded")
+    return out
+
+
 def _case(rec, base: Optional[dict]) -> Case:
     ok = _ok(rec)
     med = _median(rec) if ok else None
@@ -535,7 +629,10 @@ def _case(rec, base: Optional[dict]) -> Case:
                 median_s=med, spread=_spread(rec) if ok else None,
                 mem_mib=_mem(rec), ratio=ratio, impl_used=rec.get("impl_used"), density=rec.get("density"),
                 max_error=rec.get("max_error"), error=rec.get("error") or "", pattern=rec.get("pattern", "?"),
-                mode=rec.get("mode", "?"), dtype=str(rec.get("dtype", "?")), device=str(rec.get("device") or "cpu"))
+                mode=rec.get("mode", "?"), dtype=str(rec.get("dtype", "?")), device=str(rec.get("device") or "cpu"),
+                flags=_flags(rec), base_flags=_flags(base) if base is not None and ratio is not None else [],
+                threads=rec.get("threads") if isinstance(rec.get("threads"), int) else None,
+                load=rec.get("load") if isinstance(rec.get("load"), dict) else None)
 
 
 def _efficiency_length(cells: dict, base: dict, field_: str) -> EffLength:
@@ -629,13 +726,16 @@ def _efficiency(res: Results) -> Optional[Efficiency]:
         base = by_label.get(BASELINE, {})
         order = ([BASELINE] if BASELINE in by_label else []) + [lab for lab in by_label if lab != BASELINE]
         all_recs = [r for cells in by_label.values() for r in cells.values()]
+        measures = {memory_measure(r) for r in all_recs if _ok(r)}
         groups[key] = Group(
             device=dev, dtype=str(dt), mode=str(mode), pattern=str(pat),
             lengths=sorted({n for cells in by_label.values() for n in cells}),
             series=[_series(lab, by_label[lab], base) for lab in order], has_baseline=bool(base),
             show_density=any(r.get("density") is not None for r in all_recs),
             show_error=any(r.get("max_error") is not None for r in all_recs),
-            plot=f"eff-{fname(dev, dt, mode, pat)}.png")
+            plot=f"eff-{fname(dev, dt, mode, pat)}.png",
+            mem_measure=measures.pop() if len(measures) == 1 else ("mixed" if measures else "rss"))
+    _flag_inverted(groups)
 
     summary = None
     s_dev, s_dt = variants[0]
@@ -645,7 +745,7 @@ def _efficiency(res: Results) -> Optional[Efficiency]:
     if others and s_groups:
         summary = Summary(tag(s_dev, s_dt), s_mode, s_groups, others)
 
-    sections, failures = [], []
+    sections, failures, budget = [], [], []
     for dev, dt in variants:
         for mode in modes:
             mgroups = [groups[(dev, dt, mode, p)] for p in patterns if (dev, dt, mode, p) in groups]
@@ -655,15 +755,131 @@ def _efficiency(res: Results) -> Optional[Efficiency]:
             shape = next(iter(first.values()))
             chart_labels = [lab for lab in others if any(g.get(lab) for g in mgroups)]
             chart_patterns = [g.pattern for g in mgroups if g.has_baseline]
+            threads = sorted({r["threads"] for g in mgroups for cells in records[(dev, dt, mode, g.pattern)].values()
+                              for r in cells.values() if isinstance(r.get("threads"), int)})
             sections.append(Section(
                 device=dev, dtype=str(dt), mode=str(mode), tag=tag(dev, dt),
-                shape={k: shape.get(k) for k in ("batch", "heads", "kv_heads", "head_dim", "repeats")},
+                shape={**{k: shape.get(k) for k in ("batch", "heads", "kv_heads", "head_dim", "repeats")},
+                       "threads": "/".join(map(str, threads)) or None},
                 groups=mgroups, chart_labels=chart_labels, chart_patterns=chart_patterns,
                 chart=f"efflen-{fname(dev, dt, mode)}.png" if chart_labels and chart_patterns else None))
             for g in mgroups:
                 for s in g.series:
-                    failures += [Failure(s.label, s.cases[n]) for n in sorted(s.cases) if not s.cases[n].ok]
-    return Efficiency(labels=labels, summary=summary, sections=sections, failures=failures)
+                    failures += [Failure(s.label, s.cases[n]) for n in sorted(s.cases)
+                                 if not s.cases[n].ok and s.cases[n].status != "skipped"]
+                    budget += [_case_name(s.label, s.cases[n]) for n in sorted(s.cases)
+                               if s.cases[n].status == "skipped"]
+    return Efficiency(labels=labels, summary=summary, sections=sections, failures=failures,
+                      skipped=_skipped(res, recs, label), budget=budget)
+
+
+def _flag_inverted(groups: dict) -> None:
+    """Flag both cases where a label's fwd+bwd is faster than its own fwd (same device,
+    dtype, pattern and N): a backward is never free, so one of the two is noise."""
+    for (dev, dt, mode, pat), g in groups.items():
+        if mode != "fwd+bwd" or (dev, dt, "fwd", pat) not in groups:
+            continue
+        fwd = groups[(dev, dt, "fwd", pat)]
+        for s in g.series:
+            f = fwd.get(s.label)
+            if f is None:
+                continue
+            for n, c in s.cases.items():
+                fc = f.case(n)
+                if c.ok and fc is not None and fc.ok and c.median_s < fc.median_s:
+                    for x in (c, fc):
+                        if "fwd+bwd < fwd" not in x.flags:
+                            x.flags.append("fwd+bwd < fwd")
+    # a flagged baseline makes every ratio against it suspect
+    for g in groups.values():
+        base = g.get(BASELINE)
+        if base is None:
+            continue
+        for s in g.series:
+            if s.baseline:
+                continue
+            for n, c in s.cases.items():
+                b = base.case(n)
+                if c.ratio is not None and b is not None:
+                    c.base_flags = list(b.flags)
+
+
+def _skipped(res: Results, recs: list, label) -> list:
+    """The (label, pattern) pairs the runs did not time because the method does not support
+    the pattern (the run records' ``skipped``), less any that were timed after all."""
+    timed = {(label(r), r.get("pattern")) for r in recs}
+    out: dict = {}
+    for run in res.runs:
+        for s in run.get("skipped") or []:
+            if not isinstance(s, dict) or (s.get("label"), s.get("pattern")) in timed:
+                continue
+            entry = out.setdefault(s.get("label"), ([], list(s.get("supported") or [])))
+            if s.get("pattern") not in entry[0]:
+                entry[0].append(s.get("pattern"))
+    return [(lab, pats, sup) for lab, (pats, sup) in out.items()]
+
+
+def _case_name(label: str, c: Case) -> str:
+    return f"{label} {c.pattern} {c.mode} N={c.n}"
+
+
+def _trust(res: Results, eff: Optional[Efficiency], dec: Optional[Decode]) -> Trust:
+    """What the banner names: every flagged case and suspicious series, from the data built."""
+    t = Trust()
+    thresholds = {r.get("noise_threshold") for r in res.efficiency if r.get("noise_threshold")}
+    if len(thresholds) == 1:
+        t.noise_threshold = thresholds.pop()
+    loads = []
+    seen = set()
+    for sec in (eff.sections if eff else []):
+        for g in sec.groups:
+            for s in g.series:
+                for n in sorted(s.cases):
+                    c = s.cases[n]
+                    if "noisy" in c.flags:
+                        t.noisy.append(_case_name(s.label, c) + (f" (±{c.spread * 100:.0f}%)" if c.spread else ""))
+                    if "loaded" in c.flags:
+                        t.loaded.append(_case_name(s.label, c))
+                        if c.load:
+                            loads.append(c.load)
+                    if "fwd+bwd < fwd" in c.flags and c.mode == "fwd+bwd":
+                        fwd = next((h.get(s.label) for h in sec_groups(eff, g, "fwd")), None)
+                        fc = fwd.case(n) if fwd else None
+                        key = (s.label, c.pattern, n, c.dtype, c.device)
+                        if fc is not None and key not in seen:
+                            seen.add(key)
+                            t.inverted.append(f"{s.label} {c.pattern} N={n}: fwd+bwd {c.median_ms:.3g} ms < "
+                                              f"fwd {fc.median_ms:.3g} ms")
+                if s.exp_time is not None and s.exp_time < 0:
+                    t.negative.append(f"{s.label} {g.pattern} {g.mode}: time exponent {s.exp_time:.2f}")
+    for row in (dec.rows if dec else []):
+        for c in row.cases:
+            if c is not None and "loaded" in c.flags:
+                t.loaded.append(f"decode {row.method} N={c.n}")
+                if c.load:
+                    loads.append(c.load)
+    if loads:
+        others = [x["others_cores"] for x in loads if isinstance(x.get("others_cores"), (int, float))]
+        avgs = [x["loadavg_before"] for x in loads if isinstance(x.get("loadavg_before"), (int, float))]
+        cores = next((x["cores"] for x in loads if x.get("cores")), None)
+        parts = []
+        if others:
+            parts.append(f"other processes kept {statistics.fmean(others):.1f} cores busy on average")
+        if avgs:
+            parts.append(f"load average up to {max(avgs):.1f}")
+        if cores:
+            parts.append(f"on {cores} cores")
+        t.loaded_detail = ", ".join(parts)
+    threads = Counter(r["threads"] for r in res.efficiency if isinstance(r.get("threads"), int))
+    if len(threads) > 1:
+        t.threads = sorted(threads.items())
+    return t
+
+
+def sec_groups(eff: Efficiency, g: Group, mode: str) -> list:
+    """The groups of ``eff`` with ``g``'s device, dtype and pattern in ``mode``."""
+    return [h for sec in eff.sections for h in sec.groups
+            if (h.device, h.dtype, h.pattern, h.mode) == (g.device, g.dtype, g.pattern, mode)]
 
 
 def _decode(res: Results) -> Optional[Decode]:
@@ -678,14 +894,32 @@ def _decode(res: Results) -> Optional[Decode]:
         cases = []
         for p in positions:
             r = cells.get((m, p))
-            cases.append(None if r is None else _case({**r, "seq_len": p}, None))
+            # a decode step's times are single tokens: judged by the load around them, not by their spread
+            cases.append(None if r is None else _case({**r, "seq_len": p, "noisy": False,
+                                                       "loaded": _decode_loaded(r)}, None))
         pts = [(c.n, c.median_ms) for c in cases if c is not None and c.ok]
         sb = [cells[(m, p)].get("state_bytes") for p in positions
               if (m, p) in cells and cells[(m, p)].get("state_bytes") is not None]
         bad = [c for c in cases if c is not None and not c.ok]
-        rows.append(DecodeRow(m, cases, pts[-1][1] / pts[0][1] if len(pts) > 1 and pts[0][1] > 0 else None,
-                              sb[-1] / 2**20 if sb else None, pts, bad[0] if bad else None))
-    return Decode(positions, rows, "decode.png")
+        # the growth only between the first and the last position, both measured: a last
+        # position that ran out of memory is shown as such, never as an earlier one's value
+        first, last = cases[0], cases[-1]
+        if len(cases) > 1 and first is not None and last is not None and first.ok and last.ok and first.median_s:
+            growth, why = last.median_s / first.median_s, "ok"
+        else:
+            growth = None
+            end = next((c for c in (last, first) if c is None or not c.ok), None)
+            why = "missing" if end is None else end.status
+        rows.append(DecodeRow(m, cases, growth, sb[-1] / 2**20 if sb else None, pts, bad[0] if bad else None,
+                              growth_status=why if len(cases) > 1 else "ok"))
+    skipped = ordered(m for run in res.runs for m in (run.get("skipped_decode") or []) if m not in methods)
+    return Decode(positions, rows, "decode.png", skipped)
+
+
+def _decode_loaded(rec) -> bool:
+    load = rec.get("load")
+    c = load.get("contention") if isinstance(load, dict) else None
+    return isinstance(c, (int, float)) and c > NOISE_DEFAULTS["load_threshold"]
 
 
 def setting_text(rec) -> str:
@@ -802,3 +1036,11 @@ def _configs(res: Results) -> list:
         if r.get("config"):
             configs.setdefault(json.dumps(r["config"], indent=2, default=str), []).append(str(r.get("run_id")))
     return list(configs.items())
+
+
+def _claims(res: Results):
+    if not res.claims:
+        return None
+    from .claims import claims_report
+
+    return claims_report(res.claims)

@@ -54,8 +54,9 @@ def draw_plots(data: ReportData, plots_dir) -> dict:
                 legends = {s.label: s for s in g.series}
                 series = [(lab, _legend(legends[lab]), legends[lab].time_points, legends[lab].mem_points)
                           for lab in eff.labels if lab in legends]
-                plot.scaling(g.plot, f"{g.pattern} · {g.mode} · {sec.tag}", g.lengths, series,
-                             "peak tensor memory (MiB)")
+                # the memory axis says what was measured in this group (live tensors, the
+                # allocator, or the resident-set growth)
+                plot.scaling(g.plot, f"{g.pattern} · {g.mode} · {sec.tag}", g.lengths, series, g.mem_label)
     if data.decode:
         d = data.decode
         series = [(r.method, r.method + (f" ({status_text(r.first_failure.status)} @ {r.first_failure.n})"
