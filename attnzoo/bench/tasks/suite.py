@@ -4,7 +4,10 @@ report held-out accuracy, and CAB's compositional index across the tasks.
 Tasks: the four CAB-pattern tasks of :mod:`attnzoo.bench.tasks.cab` (``classify``,
 ``copy``, ``reverse``, ``transduce``) and ``mqar`` (:mod:`attnzoo.bench.tasks.mqar`,
 Zoology's multi-query associative recall: a causal LM, loss and accuracy only at the
-query positions, swept over sequence length × number of key–value pairs). A method runs
+query positions, swept over sequence length × number of key–value pairs), and ``corners``
+(:mod:`attnzoo.bench.tasks.vision`, noncausal self on a 2-D image: do the marked pixels
+in opposite corners share a colour; not in the default list, for the vision methods:
+``--tasks corners``; default ``seq_len`` 256, a 16 × 16 grid). A method runs
 a task when its spec lists the task's pattern; the other pairs are skipped
 (:func:`unsupported_pairs` says which and why). The models are in
 :mod:`attnzoo.bench.tasks.model` (two pre-norm blocks; the method's options for the
@@ -77,10 +80,14 @@ import torch.nn.functional as F
 from ... import registry
 from ...errors import AttentionInputError
 from ..results import as_list, jsonable
-from .cab import IGNORE, TASKS
+from .cab import IGNORE
+from .cab import TASKS as CAB_TASKS
 from .model import EncoderDecoder, SelfAttentionLM, task_impl, task_options
 from .mqar import mqar
+from .vision import VISION_TASKS
 
+#: The tasks with a generator: CAB's four and the 2-D ``corners`` (:mod:`attnzoo.bench.tasks.vision`).
+TASKS = {**CAB_TASKS, **VISION_TASKS}
 #: Every task the suite knows, in report order, with its pattern.
 TASK_PATTERNS = {**{name: spec.pattern for name, spec in TASKS.items()}, "mqar": "causal_self"}
 DEFAULT_TASKS = ("classify", "copy", "reverse", "transduce", "mqar")
@@ -167,7 +174,7 @@ def _task_settings(config: dict, task: str) -> tuple[list, list, dict]:
     _check_keys(table, ("seq_len", "seq_lens") + MODEL_KEYS + extra, f"[tasks.{task}]")
     if "seq_len" in table and "seq_lens" in table:
         raise AttentionInputError(f"[tasks.{task}]: give seq_len or seq_lens, not both")
-    default_len = 64 if task == "mqar" else 32
+    default_len = {"mqar": 64, "corners": 256}.get(task, 32)
     seq_lens = [int(n) for n in _as_list(table.pop("seq_lens", table.pop("seq_len", default_len)), "seq_lens")]
     settings = [()]
     if task == "mqar":
@@ -282,7 +289,7 @@ def _forward(model, case: TaskCase, batch: dict):
     else:
         logits = model(batch["inputs"])
         targets = batch.get("targets")
-        if case.task == "classify":
+        if "labels" in batch:  # one label per example, read at position 0 (classify, corners)
             return logits[:, 0], batch["labels"]
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
