@@ -39,12 +39,15 @@ from .kernels.masking import (  # noqa: F401
     sliding_window_mask,
     tensor_mask,
 )
+from .kernels.multimodal_masks import (  # noqa: F401
+    bidirectional_image_mask, candidate_isolation_mask, video_causal_cross_mask)
 from .kernels.score_mods import ScoreMod, additive, alibi, alibi_slopes, query_scale, softcap, tensor_bias  # noqa: F401
 from .kernels.score_mods import compose as compose_score_mods  # noqa: F401
 
 _GENERIC = [
     "MaskMod", "full_mask", "causal_mask", "sliding_window_mask", "prefix_lm_mask", "document_mask",
-    "modality_mutual_mask", "padding_mask", "sink_mask", "and_masks", "or_masks", "tensor_mask", "dense_mask",
+    "modality_mutual_mask", "candidate_isolation_mask", "video_causal_cross_mask", "bidirectional_image_mask",
+    "padding_mask", "sink_mask", "and_masks", "or_masks", "tensor_mask", "dense_mask",
     "block_layout", "block_mask", "flex_available",
     "ScoreMod", "softcap", "alibi", "alibi_slopes", "tensor_bias", "query_scale", "additive", "compose_score_mods",
 ]
