@@ -3,6 +3,7 @@
     import attnzoo as az
     out = az.attention(q, k, v, method="softmax", causal=True)
     az.list_methods()                      # every registered method (MethodSpec)
+    model = az.convert(hf_model, "hedgehog")  # a Hugging Face model's attention swapped and distilled
 """
 
 from . import methods  # noqa: F401  (discovers and registers the built-in methods)
@@ -12,6 +13,7 @@ from .registry import PATTERNS, MethodOptions, MethodSpec, get, list_methods, me
 from .layers import Attention, RotaryEmbedding
 from .integrations.sdpa import use
 from . import masks
+from .convert import convert
 
 __version__ = "0.2.0"
 
@@ -37,4 +39,5 @@ __all__ = [
     "masks",
     "methods",
     "use",
+    "convert",
 ]

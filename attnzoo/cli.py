@@ -1,9 +1,11 @@
-"""The ``attnzoo`` command: ``attnzoo list``, ``attnzoo bench efficiency|tasks|all`` and ``attnzoo report``."""
+"""The ``attnzoo`` command: ``attnzoo list``, ``attnzoo info``, ``attnzoo bench efficiency|tasks|all``,
+``attnzoo report`` and ``attnzoo convert``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -114,29 +116,21 @@ def cmd_bench_efficiency(args, config=None, config_path=None) -> int:
     from .bench import sweep
     from .bench.results import run_record
 
-    if args.threads:
+    if args.threads:  # this process (checks without isolation); every worker sets its own
         torch.set_num_threads(args.threads)
     if config is None:
         config, config_path = _load(args)
-    overrides = {"methods": args.methods, "patterns": args.patterns, "lengths": args.lengths, "dtypes": args.dtypes,
-                 "modes": args.modes, "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
-                 "head_dim": args.head_dim, "repeats": args.repeats, "timeout": args.timeout,
-                 "memory_limit_mib": args.memory_limit, "decode_positions": args.decode_positions,
-                 "device": args.device}
-    if args.error:
-        overrides["error"] = True
-    if args.no_check:
-        overrides["check"] = False
-    if args.tensor_memory:
-        overrides["tensor_memory"] = True
-    settings = sweep.efficiency_settings(config, overrides)
+    settings, notes = sweep.settings_from_args(args, config, Path(config_path).stem if config_path else None)
     if args.option:
         settings["options"] = {**settings["options"], **parse_options(args.option)}
     checks, cases = sweep.efficiency_plan(settings)  # validates methods and options before anything runs
+    skipped = sweep.skipped_pairs(settings)
     console = _console()
     with _results(args, "efficiency.jsonl") as results:
         run = run_record("efficiency", config, config_path)
         run["settings"] = dict(settings)
+        run["skipped"] = skipped
+        run["skipped_decode"] = sweep.decode_plan(settings)[1] if settings["decode_positions"] else []
         results.append(run)
         todo = sum(c.key() not in results.done for c in cases)
         console.print(f"[bold]attnzoo bench efficiency[/] ({config_path}): {len(cases)} cases"
@@ -144,6 +138,11 @@ def cmd_bench_efficiency(args, config=None, config_path=None) -> int:
                       + f"; {len(checks)} quick checks first. B={settings['batch']} H={settings['heads']} "
                       f"D={settings['head_dim']}, {'/'.join(settings['dtypes'])}, median of {settings['repeats']}, "
                       f"each case in its own process. Results: {results.path}")
+        for note in notes:
+            console.print(f"  {note}", markup=False, highlight=False)
+        if skipped:
+            console.print(f"  skipped (the method does not support the pattern): {sweep.skipped_text(skipped)}",
+                          markup=False, highlight=False)
         with _progress(console) as progress:
             task = progress.add_task("efficiency", total=len(cases))
             measured = sweep.run_efficiency(settings, checks, cases, results, run["run_id"],
@@ -151,10 +150,26 @@ def cmd_bench_efficiency(args, config=None, config_path=None) -> int:
                                             progress=lambda d, n: progress.update(task, advance=n, description=d))
         if measured:
             console.print(results_table(measured))
-        failed = [r for r in measured if r.status != "ok"]
+        failed = [r for r in measured if r.status not in ("ok", "skipped")]
         for r in failed:
             console.print(f"[yellow]{r.status}[/]: {r.case.label} {r.case.pattern} N={r.case.seq_len} "
                           f"{r.case.mode} {r.case.dtype}: {(r.error or '').splitlines()[0][:200]}")
+        over = [r for r in measured if r.status == "skipped"]
+        if over:
+            console.print(f"not timed (over skip_ratio = {settings['skip_ratio']:g}x SDPA at a shorter "
+                          f"length): {len(over)} case(s): " + ", ".join(f"{r.case.label} {r.case.pattern} "
+                                                                        f"N={r.case.seq_len} {r.case.mode}"
+                                                                        for r in over[:12])
+                          + (" …" if len(over) > 12 else ""), markup=False, highlight=False)
+        for flag, why in (("noisy", f"spread above {settings['noise_threshold']:.0%} after "
+                                    f"{settings['noise_retries']} re-measurement(s)"),
+                          ("loaded", "the machine was busy with other processes")):
+            flagged = [r for r in measured if r.status == "ok" and getattr(r, flag)]
+            if flagged:
+                names = ", ".join(f"{r.case.label} {r.case.pattern} N={r.case.seq_len} {r.case.mode}"
+                                  for r in flagged[:12])
+                console.print(f"[yellow]{flag}[/] ({why}): {len(flagged)} case(s): {names}"
+                              + (" …" if len(flagged) > 12 else ""))
         ok = not failed
         if settings["decode_positions"]:
             ok &= _bench_decode(settings, sweep.resolve_methods(settings["methods"]), console, results,
@@ -244,6 +259,41 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """Convert a Hugging Face model to each method and write the fidelity and speed report."""
+    import torch
+
+    from .bench import conversion
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for item in args.method for m in item.split(",") if m]
+    lengths = [int(n) for n in args.lengths.split(",") if n] if args.lengths else list(conversion.DEFAULT_LENGTHS)
+    console = _console()
+    console.print(f"[bold]attnzoo convert[/] {args.model}: {', '.join(methods)}; report in {args.out}")
+    res = conversion.run(args.model, methods, out_dir=args.out, steps=args.steps, lr=args.lr,
+                         options=parse_options(args.option), lengths=lengths, repeats=args.repeats,
+                         n_texts=args.texts, n_held_out=args.held_out,
+                         memory=not args.no_memory, progress=True, console=console,
+                         command="attnzoo " + shlex.join(getattr(args, "argv", None) or []))
+    table = Table(title=f"conversion of {args.model} (held-out sentences; time ratio = converted / original)")
+    for c in ("method", "attention KL", "cosine", "Spearman", "distillation s", "CPU s",
+              *[f"time @{n}" for n in lengths]):
+        table.add_column(c, justify="left" if c == "method" else "right")
+    for m in res["results"]["methods"]:
+        if m["status"] != "ok":
+            table.add_row(m["method"], "[yellow]error[/]", "", "", "", "", *[""] * len(lengths))
+            continue
+        sp = {s["n"]: s["ratio"] for s in m["speed"]}
+        table.add_row(m["method"], f"{m['attention_kl']:.3f}", f"{m['cosine']:.4f}", f"{m['spearman']:.4f}",
+                      f"{m['distill_seconds']:.1f}", f"{m['distill_cpu_seconds']:.1f}",
+                      *[f"{sp[n]:.2f}x" if n in sp else "-" for n in lengths])
+    console.print(table)
+    console.print(f"report: {res['html']} (and {res['markdown'].name}, {res['json'].name})")
+    failed = [m for m in res["results"]["methods"] if m["status"] != "ok"]
+    return 1 if (args.strict and failed) else 0
+
+
 def tasks_table(records) -> Table:
     table = Table(title="task accuracy (held-out examples)")
     for c in ("task", "pattern", "setting", "method", "accuracy", "chance", "train s", "status"):
@@ -257,46 +307,33 @@ def tasks_table(records) -> Table:
 
 
 def _bench_decode(settings, methods, console, results, run_id) -> bool:
-    """Per-token decode step time at each position (constant-state methods stay flat)."""
+    """Per-token decode step time at each position (constant-state methods stay flat). A
+    position that ran out of memory or time shows its status, and so does the ratio."""
     from .bench import efficiency as eff
-    from .bench.sweep import method_options
+    from .bench import sweep
 
-    options = method_options(settings["options"], [m for m, _ in methods])
     positions = settings["decode_positions"]
-    names = []
-    for name, _ in methods:
-        if name != eff.BASELINE and registry.get(name).decoding and name not in names:
-            names.append(name)
+    _, no_decoding = sweep.decode_plan(settings)
+    rows = sweep.run_decode_sweep(settings, results, run_id)
     table = Table(title="decoding: median time of one step (one new token) after a prefill of N tokens")
     for c in ("method", "state", *[f"N={p} ms" for p in positions], f"N={positions[-1]} / N={positions[0]}"):
         table.add_column(c, justify="left" if c in ("method", "state") else "right")
     ok = True
-    for name in names:
-        cells, first, last = [], None, None
-        for p in positions:
-            opts = {**registry.get(name).sized_options(p, module=True), **dict(options.get(name, ()))}
-            case = eff.DecodeCase(name, p, dtype=settings["dtypes"][0], batch=settings["batch"],
-                                  heads=settings["heads"], kv_heads=settings["kv_heads"],
-                                  head_dim=settings["head_dim"], options=tuple(opts.items()))
-            key = f"decode|{case}"
-            if key in results.done:
-                res = dict(results.records[key])
-            else:
-                res = eff.run_decode(case, timeout=settings["timeout"])
-                rec = {k: v for k, v in res.items() if k != "case"}
-                results.append({"kind": "decode", "key": key, "method": name, "position": p, **rec,
-                                "run_id": run_id})
+    for name, recs in rows.items():
+        cells = []
+        for res in recs:
             if res["status"] != "ok":
                 ok = False
                 cells.append(res["status"].upper())
                 continue
-            first = res["median_s"] if first is None else first
-            last = res["median_s"]
             cells.append(_fmt_ms(res["median_s"]).replace(",", "") if res["median_s"] >= 1e-3
                          else f"{res['median_s'] * 1e3:.3f}")
-        ratio = f"{last / first:.2f}x" if first and last else "-"
+        growth, status = eff.decode_growth(recs[0] if recs else None, recs[-1] if recs else None)
+        ratio = f"{growth:.2f}x" if growth is not None else status.upper()
         table.add_row(name, registry.get(name).state_size or "", *cells, ratio)
     console.print(table)
+    if no_decoding:
+        console.print(f"  skipped (no decoding): {', '.join(no_decoding)}", markup=False, highlight=False)
     return ok
 
 
@@ -423,17 +460,50 @@ def build_parser() -> argparse.ArgumentParser:
     ovp.add_argument("--calls", type=int, default=500, help="calls per round (default: %(default)s)")
     ovp.add_argument("--json", action="store_true", help="also print the rows as JSON")
     ovp.set_defaults(func=cmd_bench_overhead)
+    c = sub.add_parser("convert", help="convert a Hugging Face model to attention methods (distilled) and report "
+                       "their fidelity and speed",
+                       description="Convert MODEL (a local folder, or a registered name such as all-minilm-l6-v2) "
+                                   "to each --method with attnzoo.convert, distilled on attnzoo's own sentences; "
+                                   "measure attention and embedding fidelity on held-out sentences and speed "
+                                   "against the original; write OUT/report.md, OUT/report.html, "
+                                   "OUT/conversion.json.")
+    c.add_argument("model", help="a local model folder or a registered model name (all-minilm-l6-v2)")
+    c.add_argument("--method", action="append", required=True, help="a method (or a comma-separated list); "
+                   "repeatable")
+    c.add_argument("--steps", type=int, default=300, help="distillation steps per layer for methods with "
+                   "parameters (default: %(default)s)")
+    c.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: attnzoo.convert's)")
+    c.add_argument("--option", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
+                   help="a method option, e.g. sliding_window.window=8 or hedgehog.feature_dim=64; repeatable")
+    c.add_argument("--lengths", default=None, help="sequence lengths for the speed and memory table "
+                   "(default: 128,512)")
+    c.add_argument("--repeats", type=int, default=5, help="timed forward passes per length (default: %(default)s)")
+    c.add_argument("--texts", type=int, default=None, help="distil on only N of the training sentences (evenly "
+                   "spaced over the topics; default: all)")
+    c.add_argument("--held-out", type=int, default=None, help="measure on only N of the held-out sentences "
+                   "(default: all)")
+    c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    c.add_argument("--no-memory", action="store_true", help="skip the attention-memory measurement")
+    c.add_argument("--out", default="convert-results", help="report directory (default: %(default)s)")
+    c.add_argument("--strict", action="store_true", help="exit 1 if a method could not convert the model")
+    c.set_defaults(func=cmd_convert)
     r = sub.add_parser("report", help="write report.md, report.html and plots from a results directory")
     r.add_argument("results", help="the results directory of `attnzoo bench` (e.g. bench-results)")
     r.add_argument("--out", dest="report_dir", default=None, help="where to write the report (default: RESULTS)")
     r.set_defaults(func=cmd_report)
     # Subcommands that live with their package: each module has add_parser(sub) (top-level
     # commands) or add_bench_parser(bsub) (`attnzoo bench <name>`); one line each, below.
+    from .analysis.report import add_parser as _inspect; _inspect(sub)  # noqa: E702  attnzoo inspect
+    from .bench import goals as _goals; _goals.add_bench_parser(bsub)  # noqa: E702
+    from .distributed.bench import add_bench_parser; add_bench_parser(bsub)  # noqa: E702  attnzoo bench distributed
+    from .bench import claims as _claims; _claims.add_bench_parser(bsub)  # noqa: E702  attnzoo bench claims
     return parser
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from .errors import AttentionInputError
 
     try:

@@ -149,6 +149,26 @@ API_PAGE = """# API
 ::: attnzoo.masks
 
 ::: attnzoo.integrations.hf
+
+::: attnzoo.convert
+
+## Layers
+
+::: attnzoo.layers.vision
+
+::: attnzoo.layers.token_reduction
+
+::: attnzoo.layers.mixtures
+
+::: attnzoo.layers.fusion
+
+## Sequence parallelism
+
+::: attnzoo.distributed
+
+## Analysis
+
+::: attnzoo.analysis
 """
 
 

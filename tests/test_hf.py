@@ -92,6 +92,9 @@ def test_every_noncausal_method_runs_on_minilm_with_padding(tokenizer):
         model = load(f"attnzoo:{spec.name}")
         if spec.name == "block_sparse":  # its one required option, through the config
             model.config.attnzoo_options = {"layout": FixedLayout(), "block_size": 4}
+        sized = spec.sized_options(batch["input_ids"].shape[1])
+        if "grid" in sized:  # a 2-D method: the tokens as the grid its sizing hook picks
+            model.config.attnzoo_options = {"grid": sized["grid"]}
         out = embed(model, batch)
         assert out.shape == exact.shape and torch.isfinite(out).all(), spec.name
         if spec.exact:

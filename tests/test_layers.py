@@ -110,7 +110,7 @@ def test_learnable_method_parameters_are_in_the_layer():
 def test_bfloat16_layer_runs_and_trains(method):
     causal = "causal_self" in az.get(method).patterns
     attn = az.Attention(dim=32, heads=4, kv_heads=2, method=method, causal=causal,
-                        **layer_options(method)).bfloat16()
+                        **layer_options(method, 40)).bfloat16()
     x = torch.randn(2, 40, 32, dtype=torch.bfloat16, requires_grad=True)
     y = attn(x)
     assert y.dtype == torch.bfloat16

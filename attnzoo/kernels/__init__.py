@@ -21,6 +21,17 @@ no method, no API. A method file composes them; two methods never import each ot
   state, and the decoders built on them;
 * :mod:`~attnzoo.kernels.windows` — window layouts, softmax over a pattern (dense,
   block-sparse, band, FlexAttention);
+* :mod:`~attnzoo.kernels.grid2d` — tokens on 2-D grids: window / shifted-window / halo /
+  dilated partitions with the padding rule, group attention over them, pooling (the
+  vision methods);
+* :mod:`~attnzoo.kernels.grid_pool` — pooled keys on a 2-D grid and the ``grid`` option
+  (pooled_kv, aggregated, gated_positional);
+* :mod:`~attnzoo.kernels.rows` — row-chunked attention with a hand-written backward for
+  weights that are an elementwise function of the scores (sigmoid, clipped softmax);
+* :mod:`~attnzoo.kernels.heads` — head-level maths of the head mixtures (MoH's gates and
+  balance loss, auxiliary losses, per-row data through the segmented executor);
+* :mod:`~attnzoo.kernels.multimodal_masks` — mask_mods of multimodal sequences
+  (candidate isolation, video causal cross-attention, ...), re-exported by :mod:`attnzoo.masks`;
 * :mod:`~attnzoo.kernels.block_select` — block geometry and lowest-index-wins top-k of
   the block-retrieval methods (landmark, hip, combiner);
 * :mod:`~attnzoo.kernels.routing_select` — the selection arithmetic and top-k programs of

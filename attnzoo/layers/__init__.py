@@ -6,5 +6,23 @@ lives in the methods; here are the projections, heads, positions and the glue.
 """
 
 from .attention import Attention, CausalLeakWarning, LayerCache, RotaryEmbedding
+from .fusion import (CoAttentionLayer, CrossViTFusion, FIBERFusion, FITBlock, FusedBackboneLayer,
+                     GatedCrossAttention, LatentCrossAttention)
+from .mixtures import EchoStack, MoHAttention, SharedWeightsAttention, SoftMixtureOfAttention, attention_similarity
+from .token_reduction import (EViTReduction, ReducingBlock, ToMeMerge, TokenReduction, compose_index, evit_reduce,
+                              restore, tome_merge)
+from .vision import CrossShapedAttention, stripe_conv
 
-__all__ = ["Attention", "CausalLeakWarning", "LayerCache", "RotaryEmbedding"]
+__all__ = [
+    "Attention", "CausalLeakWarning", "LayerCache", "RotaryEmbedding",
+    # cross-modal fusion (layers/fusion.py)
+    "CoAttentionLayer", "CrossViTFusion", "FIBERFusion", "FITBlock", "FusedBackboneLayer", "GatedCrossAttention",
+    "LatentCrossAttention",
+    # head-level mixtures (layers/mixtures.py)
+    "EchoStack", "MoHAttention", "SharedWeightsAttention", "SoftMixtureOfAttention", "attention_similarity",
+    # token reduction between blocks (layers/token_reduction.py)
+    "EViTReduction", "ReducingBlock", "ToMeMerge", "TokenReduction", "compose_index", "evit_reduce", "restore",
+    "tome_merge",
+    # vision layers (layers/vision.py)
+    "CrossShapedAttention", "stripe_conv",
+]

@@ -1,0 +1,1 @@
+"""Data that ships with attnzoo (written for it, never downloaded): :mod:`attnzoo.data.sentences`."""
