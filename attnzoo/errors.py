@@ -18,6 +18,12 @@ class UnsupportedPattern(AttentionInputError):
     """The method cannot run in the requested attention pattern (e.g. causal cross)."""
 
 
+class InputTooLarge(AttentionInputError):
+    """The input exceeds the size a method declares it can take (a naive algorithm's
+    limit, e.g. tensor attention's ``max_triples``); the message names the option that
+    lifts it. The benchmark records such a case as not timed, with the message."""
+
+
 class UnknownMethod(AttentionInputError, KeyError):
     """No method is registered under the requested name."""
 

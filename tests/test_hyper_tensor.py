@@ -308,3 +308,18 @@ def test_tensor_decodes_with_a_kv_cache_and_refuses_second_sequences():
     with pytest.raises(az.AttentionInputError, match="k2/v2"):
         az.get("tensor").step(state, q[:, :, :1], k[:, :, :1], v[:, :, :1], k2=k[:, :, :1])
     assert tensor_mod.tensor.family == "higher_order"
+
+
+def test_tensor_beyond_its_size_limit_is_not_timed_by_the_benchmark():
+    """The naive cubic form refuses long inputs with InputTooLarge (naming max_triples);
+    the benchmark records that case as not timed, with the reason, never as a failure."""
+    from attnzoo.bench import efficiency as eff
+    from attnzoo.errors import InputTooLarge
+
+    q = torch.randn(1, 1, 300, 8)
+    with pytest.raises(InputTooLarge, match="max_triples"):
+        az.attention(q, q, q, method="tensor")
+    case = eff.BenchCase("tensor", "auto", 300, "fwd", pattern="noncausal_self", dtype="float32", batch=1, heads=1,
+                         kv_heads=1, head_dim=8, repeats=1)
+    res = eff.run_case(case, 60, isolate=False)
+    assert res.status == "skipped" and "max_triples" in res.error and not res.times_s

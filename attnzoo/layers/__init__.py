@@ -3,6 +3,12 @@ lives in the methods; here are the projections, heads, positions and the glue.
 
 * :class:`Attention` (:mod:`~attnzoo.layers.attention`) — multi-head self/cross attention
   with GQA, rotary embeddings, QK-norm, an output gate and decoding.
+* :mod:`~attnzoo.layers.vision` — 2-D layers (CSWin's stripes with LePE).
+* :mod:`~attnzoo.layers.token_reduction` — EViT keep-and-fuse and ToMe merging between blocks.
+* :mod:`~attnzoo.layers.mixtures` — head-level mixtures (MoH, soft mixtures with shared K/V,
+  EchoAtt-style sharing across layers).
+* :mod:`~attnzoo.layers.fusion` — cross-modal fusion (CrossViT, Perceiver/FIT latents,
+  FIBER's gated cross-attention, LXMERT's co-attention).
 """
 
 from .attention import Attention, CausalLeakWarning, LayerCache, RotaryEmbedding

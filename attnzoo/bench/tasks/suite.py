@@ -6,8 +6,8 @@ Tasks: the four CAB-pattern tasks of :mod:`attnzoo.bench.tasks.cab` (``classify`
 Zoology's multi-query associative recall: a causal LM, loss and accuracy only at the
 query positions, swept over sequence length × number of key–value pairs), and ``corners``
 (:mod:`attnzoo.bench.tasks.vision`, noncausal self on a 2-D image: do the marked pixels
-in opposite corners share a colour; not in the default list, for the vision methods:
-``--tasks corners``; default ``seq_len`` 256, a 16 × 16 grid). A method runs
+in opposite corners share a colour; for the vision methods, in ``full.toml``'s list and
+not in :data:`DEFAULT_TASKS`: ``--tasks corners`` elsewhere; default ``seq_len`` 256, a 16 × 16 grid). A method runs
 a task when its spec lists the task's pattern; the other pairs are skipped
 (:func:`unsupported_pairs` says which and why). The models are in
 :mod:`attnzoo.bench.tasks.model` (two pre-norm blocks; the method's options for the

@@ -59,7 +59,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ...errors import AttentionInputError, fmt_shape
+from ...errors import AttentionInputError, InputTooLarge, fmt_shape
 from ...kernels.caches import KVCacheDecoder
 from ...kernels.common import BLOCK_ELEMENTS, compute_dtype, repeat_kv
 from ...kernels.dense import masked_softmax
@@ -105,7 +105,7 @@ def _too_long(call) -> Optional[str]:
 def _check_size(call) -> None:
     reason = _too_long(call)
     if reason is not None:
-        raise AttentionInputError(reason)
+        raise InputTooLarge(reason)
 
 
 def _second_pair(k, v, call):

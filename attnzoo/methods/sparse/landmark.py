@@ -30,9 +30,10 @@ Judgement calls:
   in the same softmax group as the landmarks (so the weights sum to one).
 - [J] Selection is per query (per token, as the paper retrieves at inference), not per
   query block: decoding must equal the causal forward, and a decoded token cannot see
-  the later queries of its block. So the fast path ``gather`` gathers, for a segment of
-  queries, each query's ``topk + 1`` blocks (O(N·(topk+1)·block) memory and work)
-  instead of running the block-sparse kernel (whose tiles are per query block).
+  the later queries of its block. So the fast path ``gather`` does not run the
+  block-sparse kernel (whose tiles are per query block): it groups the (query, retrieved
+  block) pairs by key block and scores each key block against a tile of the queries
+  that chose it (:func:`block_pairs_attention`), O(N·(topk+1)·block) work and memory.
 - [J] Selection arithmetic (:mod:`attnzoo.kernels.block_select`): q and the keys are
   rounded to float32, a landmark is the mean of its block's real keys accumulated in
   float64 and rounded to float32, and the score ``scale · q·L_b`` is formed in float64.
@@ -498,9 +499,11 @@ def _gather_supports(call) -> Optional[str]:
 
 
 @landmark.impl("gather", supports=_gather_supports,
-               description="per-query gather of the topk retrieved blocks + own block, O(N·(k+1)·block)")
+               description="per-query retrieval of the topk blocks + own block, scored block-granular (tiles of "
+                           "the queries that chose a key block), O(N·(k+1)·block)")
 def gather_attention(q, k, v, call):
-    """Per-query retrieval of the topk blocks plus the own block, by gathers."""
+    """Per-query retrieval of the topk blocks plus the own block, scored by
+    :func:`block_pairs_attention` (a key block read once per tile of its queries)."""
     o = call.options
     _check_landmarks(o.landmarks, k, o.block_size)
     bs = int(o.block_size)
