@@ -557,9 +557,11 @@ def convert(model, method: str, *, texts: Optional[Sequence[str]] = None, tokeni
         ``model``, converted, with ``model.attnzoo_conversion`` (a :class:`Conversion`).
 
     Raises:
-        UnknownMethod, UnsupportedPattern (a pattern the method lacks, e.g. a causal-only
-        method on an encoder), AttentionInputError (an option it does not take, a mask it
-        cannot take, a model that cannot switch its attention).
+        UnknownMethod: no method has that name.
+        UnsupportedPattern: the method lacks the model's pattern (e.g. a causal-only method
+            on an encoder).
+        AttentionInputError: an option the method does not take, a mask it cannot take, or
+            a model that cannot switch its attention.
     """
     from .integrations.hf import register_method
 

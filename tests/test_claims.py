@@ -89,6 +89,8 @@ def test_exponent_and_lightning_rules():
     assert C.exponent_rule(1.62, 1.5)[0] == C.HOLDS
     assert C.exponent_rule(1.8, 1.5)[0] == C.FAILS
     assert C.exponent_rule(None, 1.5)[0] == C.FAILS
+    below = C.exponent_rule(1.09, 1.5)  # an O() is an upper bound: cheaper scaling is consistent with it
+    assert below[0] == C.HOLDS and "below the bound" in below[1]
     assert C.lightning_rule(1.05, 1.1)[0] == C.HOLDS
     assert C.lightning_rule(1.05, 3.0)[0] == C.FAILS  # decode step grows with the prefill
     assert C.lightning_rule(1.6, 1.0)[0] == C.FAILS

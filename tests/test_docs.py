@@ -41,9 +41,10 @@ def test_every_method_has_a_page_with_its_options_patterns_impls_and_paper(tmp_p
 
 @pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path):
+    # no -q: mkdocs -q hides warnings from --strict, so a griffe warning would pass unseen
     config = docs.build_source(tmp_path / "src")
     mkdocs = Path(sys.executable).with_name("mkdocs")
-    res = subprocess.run([str(mkdocs), "build", "--strict", "-q", "-f", str(config), "-d", str(tmp_path / "site")],
+    res = subprocess.run([str(mkdocs), "build", "--strict", "-f", str(config), "-d", str(tmp_path / "site")],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     html = (tmp_path / "site" / "methods" / "hedgehog" / "index.html").read_text()

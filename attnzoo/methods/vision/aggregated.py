@@ -147,7 +147,7 @@ def _layout(q, k, o):
 # ------------------------------------------------------------------------ reference
 
 
-@method(NAME, options=AggregatedOptions, paper="TransNeXt: Robust Foveal Visual Perception for Vision Transformers",
+@method(NAME, short_impl="gather", options=AggregatedOptions, paper="TransNeXt: Robust Foveal Visual Perception for Vision Transformers",
         summary="2-D: a local k×k window plus keys pooled over the whole grid, under one softmax (TransNeXt)",
         patterns=("noncausal_self",), time="O(N (k² + N/R²) D)", memory="O(N (k² + N/R²))", masks=False, grid=True,
         rows_independent=False, mask_mods=(foveal_window_mask,))

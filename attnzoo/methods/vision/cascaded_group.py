@@ -168,7 +168,7 @@ def _cascade(q, k, v, call, head_attention):
 # ------------------------------------------------------------------------ reference
 
 
-@method(NAME, options=CascadedOptions,
+@method(NAME, short_impl="sdpa", options=CascadedOptions,
         paper="EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention",
         summary="heads in sequence: each head's q, k, v are fed the previous head's output (EfficientViT CGA)",
         patterns=("noncausal_self", "causal_self"), time="O(H N² D)", memory="O(N^2) reference, SDPA's for sdpa")

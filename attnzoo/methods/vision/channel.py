@@ -75,7 +75,7 @@ def _no_keys(out, key_mask):
     return out
 
 
-@method(NAME, paper="DaViT: Dual Attention Vision Transformers",
+@method(NAME, short_impl="matmul", paper="DaViT: Dual Attention Vision Transformers",
         summary="channels as tokens: a Dv × D softmax channel map from the keys/values, applied to each query",
         patterns=("noncausal_self", "noncausal_cross"), time="O(N D Dv)", memory="O(N Dv + D Dv)", masks=False,
         weights=False)

@@ -142,7 +142,7 @@ def positional_scores(grid: tuple, pos_weight: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------ reference
 
 
-@method(NAME, options=GatedPositionalOptions,
+@method(NAME, short_impl="separable", options=GatedPositionalOptions,
         paper="ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases",
         summary="per head, a learned gate mixes content softmax and positional softmax (initialised local)",
         patterns=("noncausal_self",), time="O(N² D)", memory="O(N Dv) separable; O(N^2) sdpa, reference", grid=True)

@@ -126,7 +126,7 @@ def _empty_rows(out, key_mask):
 # ------------------------------------------------------------------------ reference
 
 
-@method(NAME, options=PolarizedOptions,
+@method(NAME, short_impl="fused", options=PolarizedOptions,
         paper="Polarized Self-Attention: Towards High-quality Pixel-wise Regression",
         summary="sigmoid gates on v: per channel (softmax over positions) and per position (softmax over channels)",
         patterns=("noncausal_self",), time="O(N (D + Dv))", memory="O(N Dv)", masks=False, weights=False,

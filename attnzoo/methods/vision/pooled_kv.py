@@ -181,7 +181,7 @@ def _conv_explicit(x, grid, weight, key_mask, ct):
     return out, (None if key_mask is None else real)
 
 
-@method(NAME, options=PooledKVOptions,
+@method(NAME, short_impl="sdpa", options=PooledKVOptions,
         paper="Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without Convolutions",
         summary="2-D: queries attend to keys/values average- or conv-pooled over R × R windows (PVT's SRA)",
         patterns=("noncausal_self", "noncausal_cross"), time="O(Nq (Nk/R²) D)", memory="O(Nq Nk/R²)",

@@ -80,7 +80,7 @@ class ReversedOptions(MethodOptions):
                 raise AttentionInputError(f"{NAME}: {name} must be a positive int (or None), got {value!r}")
 
 
-@method(NAME, options=ReversedOptions,
+@method(NAME, short_impl="tiled", options=ReversedOptions,
         paper="Visual Dependency Transformers: Dependency Tree Emerges from Reversed Attention",
         summary="softmax over the query axis: each key distributes its value over the queries (DependencyViT)",
         patterns=("noncausal_self", "noncausal_cross"), time="O(Nq Nk D)", memory="O(N D) tiled; O(N^2) reference",
