@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (effp, tasp, allp):
         p.add_argument("--config", default=None, help="a config name in benchmarks/ (quick, full) or a TOML path "
                        "(default: full, or quick with --quick)")
-        p.add_argument("--quick", action="store_true", help="the quick config (benchmarks/quick.toml: under 5 min "
-                       "on 2 cores, all four patterns)")
+        p.add_argument("--quick", action="store_true", help="the quick config (benchmarks/quick.toml: every method, "
+                       "all four patterns, about 15 min on 2 cores)")
         p.add_argument("--methods", default=None, help="comma-separated method or method:impl, or all "
                        "(default: the config's)")
         p.add_argument("--patterns", default=None, help=f"comma-separated, any of {', '.join(registry.PATTERNS)}")

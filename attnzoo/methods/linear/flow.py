@@ -130,7 +130,7 @@ def _clamp(o_hat, clamp):
     return o_hat if clamp is None else o_hat.clamp(-float(clamp), float(clamp))
 
 
-@method("flow", options=FlowOptions,
+@method("flow", short_impl="chunk", options=FlowOptions,
         summary="Flowformer: sigmoid features, flow conservation, source competition and sink allocation",
         paper="Flowformer: Linearizing Transformers with Conservation Flows",
         patterns=("noncausal_self", "causal_self", "noncausal_cross"), time="O(N D Dv)", memory="O(N·D + N·C)",

@@ -206,7 +206,7 @@ def _conv_explicit(x, weight, causal):
 # ------------------------------------------------------------------------ reference
 
 
-@method("rcmha", options=RCMHAOptions,
+@method("rcmha", short_impl="chunked", options=RCMHAOptions,
         paper="RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling",
         summary="depth-wise convolutions on Q, K, V plus Transformer-XL relative positions in the scores",
         time="O(N^2 D + N K D)", memory="O(N·block + N K) chunked, O(N^2) reference and sdpa",

@@ -123,7 +123,7 @@ def _folded(q, k, v, call):
     return q, scaled_values(v, call.options)
 
 
-@method("selective", options=SelectiveOptions,
+@method("selective", short_impl="tiled", options=SelectiveOptions,
         paper="Selective Attention: Enhancing Transformer through Principled Context Control",
         summary="softmax with query/position-dependent temperature and value temperature (SSA)",
         time="O(N^2 D)", memory="O(N·block) tiled, O(N^2) reference", dropout=True, score_mods=True)

@@ -93,7 +93,7 @@ def _score_mod(call):
     return score_mods.compose(sigmoid_bias(call.options.bias, call.causal, call.q_len, call.kv_len), call.score_mod)
 
 
-@method("sigmoid", options=SigmoidOptions, paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
+@method("sigmoid", short_impl="chunked", options=SigmoidOptions, paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
         summary="elementwise sigmoid instead of softmax, bias -log(n)", time="O(N^2 D)",
         memory="O(N·block) chunked, O(N^2) reference", score_mods=True, decoder=KVCacheDecoder(),
         layer_options={"qk_norm": True})

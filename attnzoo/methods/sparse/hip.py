@@ -170,7 +170,7 @@ def reference_layout(q, k, *, causal, key_mask, scale, block_size, topk, represe
     return layout
 
 
-@method("hip", options=HipOptions,
+@method("hip", short_impl="block", options=HipOptions,
         summary="per query block, a tree search keeps the topk key blocks by representative scores",
         paper="HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
         patterns=("noncausal_self", "causal_self", "causal_cross"), exact=False,

@@ -231,7 +231,7 @@ def _grouped(q, k, v, call):
     return (out, w.to(q.dtype)) if call.return_weights else out
 
 
-@method("landmark", options=LandmarkOptions,
+@method("landmark", short_impl="gather", options=LandmarkOptions,
         summary="each query retrieves the topk key blocks by landmark score, plus its own block",
         paper="Landmark Attention: Random-Access Infinite Context Length for Transformers",
         patterns=("noncausal_self", "causal_self", "causal_cross"), exact=False,
