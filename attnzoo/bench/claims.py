@@ -507,11 +507,9 @@ def train_mqar_model(case, gate: bool = False):
     optimiser), with ``Attention(gate=True)`` layers when ``gate`` — built from the same
     initial weights, the gate's own aside."""
     import torch
-    import torch.nn.functional as F
 
     from ..layers import Attention
-    from .tasks.cab import IGNORE
-    from .tasks.suite import _SEED_STRIDE, _forward, _lr_at, _make, build_model, evaluate
+    from .tasks.suite import _SEED_STRIDE, _make, build_model, evaluate, train_model
 
     torch.manual_seed(case.seed)
     model = build_model(case)
@@ -522,18 +520,7 @@ def train_mqar_model(case, gate: bool = False):
             blk.attn = Attention(old.dim, old.heads, method=case.method, causal=old.causal,
                                  rotary=old.rotary is not None, impl=case.impl, gate=True, **layer)
             blk.attn.load_state_dict(old.state_dict(), strict=False)  # the same projections; the gate is new
-    opt = torch.optim.AdamW(model.parameters(), lr=case.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    model.train()
-    for step in range(case.steps):  # run_task's loop, on this model
-        batch = _make(case, case.batch_size, case.seed * _SEED_STRIDE + step + 1)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, case.steps, case.lr)
-        logits, targets = _forward(model, case, batch)
-        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    train_model(model, case)  # run_task's loop, on this model
     accuracy, _ = evaluate(model, case, _make(case, case.eval_examples, case.seed * _SEED_STRIDE))
     return model, accuracy
 

@@ -323,6 +323,27 @@ def evaluate(model, case: TaskCase, data: dict) -> tuple[float, float]:
     return correct / total, loss_sum / total
 
 
+def train_model(model, case: TaskCase) -> list:
+    """Train ``model`` on ``case``'s task as every case is trained (AdamW, the warm-up +
+    cosine schedule of :func:`_lr_at`, gradient clipping at 1, a fresh seeded batch per
+    step); returns the training losses."""
+    opt = torch.optim.AdamW(model.parameters(), lr=case.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    losses = []
+    for step in range(case.steps):
+        batch = _make(case, case.batch_size, case.seed * _SEED_STRIDE + step + 1)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, case.steps, case.lr)
+        logits, targets = _forward(model, case, batch)
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def run_task(case: TaskCase) -> dict:
     """Train ``case``'s model and score it on a held-out set.
 
@@ -341,21 +362,8 @@ def run_task(case: TaskCase) -> dict:
         eval_data = _make(case, case.eval_examples, case.seed * _SEED_STRIDE)
         model = build_model(case)
         params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=case.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        model.train()
-        losses = []
         t0 = time.perf_counter()
-        for step in range(case.steps):
-            batch = _make(case, case.batch_size, case.seed * _SEED_STRIDE + step + 1)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, case.steps, case.lr)
-            logits, targets = _forward(model, case, batch)
-            loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+        losses = train_model(model, case)
         train_s = time.perf_counter() - t0
         accuracy, eval_loss = evaluate(model, case, eval_data)
     except Exception as e:
