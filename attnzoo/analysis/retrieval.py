@@ -34,7 +34,6 @@ import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import AttentionInputError
 from .capture import capture
@@ -42,40 +41,16 @@ from .metrics import IGNORE, ranking
 from .steering import steer
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """run_task's schedule: linear warm-up over 10% of the steps, cosine down to 10% of lr."""
-    import math
-
-    warm = max(1, steps // 10)
-    if step < warm:
-        return lr * (step + 1) / warm
-    t = (step - warm) / max(1, steps - warm)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train_copy_model(*, seq_len: int = 16, vocab_size: int = 16, d_model: int = 32, heads: int = 4,
                      layers: int = 2, steps: int = 200, batch_size: int = 32, lr: float = 1e-2, seed: int = 0):
     """``(model, case)``: the benchmark's copy model trained as :func:`run_task` trains it."""
-    from ..bench.tasks.cab import TASKS
-    from ..bench.tasks.suite import TaskCase, build_model
+    from ..bench.tasks.suite import TaskCase, build_model, train_model
 
     case = TaskCase(task="copy", method="softmax", seq_len=seq_len, vocab_size=vocab_size, d_model=d_model,
                     heads=heads, layers=layers, steps=steps, batch_size=batch_size, lr=lr, seed=seed, impl="sdpa")
     torch.manual_seed(seed)
     model = build_model(case)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    model.train()
-    for step in range(steps):
-        batch = TASKS["copy"].make(batch_size, seq_len, vocab_size, seed=seed * 1_000_003 + step + 1)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        logits = model(batch["inputs"])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
-                               ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    train_model(model, case)
     model.eval()
     return model, case
 
