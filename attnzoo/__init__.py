@@ -13,7 +13,7 @@ from .registry import PATTERNS, MethodOptions, MethodSpec, get, list_methods, me
 from .layers import Attention, RotaryEmbedding
 from .integrations.sdpa import use
 from . import masks
-from .convert import convert
+from .conversion import convert
 
 __version__ = "0.2.0"
 

@@ -157,7 +157,7 @@ API_PAGE = """# API
 
 ::: attnzoo.integrations.hf
 
-::: attnzoo.convert
+::: attnzoo.conversion
 
 ## Layers
 

@@ -27,7 +27,7 @@ LAYERS = {
     "methods": 4,
     "api": 5, "decoding": 5, "masks": 5,
     "layers": 6,
-    "bench": 7, "analysis": 7, "integrations": 7, "distributed": 7, "convert": 7, "docs": 7,
+    "bench": 7, "analysis": 7, "integrations": 7, "distributed": 7, "conversion": 7, "docs": 7,
     "cli": 8, "__main__": 9, "__init__": 9,
 }
 #: What a method file may import (besides torch and the standard library).
@@ -155,6 +155,21 @@ def test_the_import_reader_sees_relative_and_function_level_imports():
     source = "from ...kernels import dense\nimport attnzoo.api\ndef f():\n    from . import b\n"
     found = imports_of(ROOT / "attnzoo" / "methods" / "x" / "a.py", modules, source)
     assert found == {"attnzoo.kernels.dense", "attnzoo.methods.x.b", "attnzoo.api"}
+
+
+def test_no_package_attribute_shadows_a_submodule():
+    """``attnzoo.X`` is the module ``attnzoo/X.py`` whenever both exist, so ``import
+    attnzoo.X as m`` and pydoc reach it (a function named like its module hid it)."""
+    import importlib
+    import pkgutil
+
+    import attnzoo
+
+    for info in pkgutil.iter_modules(attnzoo.__path__):
+        if info.name.startswith("_"):  # __main__ runs the command
+            continue
+        module = importlib.import_module(f"attnzoo.{info.name}")
+        assert getattr(attnzoo, info.name) is module, f"attnzoo.{info.name} is not the module attnzoo/{info.name}"
 
 
 def test_attnzoo_methods_is_the_package_with_every_family():

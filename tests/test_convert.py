@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 import attnzoo as az  # noqa: E402
 from attnzoo import cli  # noqa: E402
 from attnzoo.bench import conversion  # noqa: E402
-from attnzoo.convert import Conversion, resolve_model  # noqa: E402
+from attnzoo.conversion import Conversion, resolve_model  # noqa: E402
 from attnzoo.data import sentences  # noqa: E402
 
 PADDED = ["The cat sat on the mat by the door.",

