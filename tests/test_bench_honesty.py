@@ -17,7 +17,6 @@ from rich.console import Console
 from attnzoo import cli
 from attnzoo.bench import efficiency as eff
 from attnzoo.bench import report_data, sweep
-from attnzoo.bench import worker
 from attnzoo.bench.report import banner_items, eff_table, render_markdown, render_report
 from attnzoo.bench.results import ResultsFile, load_config, read_records
 from attnzoo.bench.worker import load_between, run_isolated

@@ -52,6 +52,7 @@ __all__ = [
     "check_grid_option",
     "conv_pool",
     "from_maps",
+    "pool_kv",
     "pool_matrix",
     "pooled_attention",
     "resolve_grid",
@@ -194,6 +195,17 @@ def adaptive_pool(x: torch.Tensor, grid: tuple, size: tuple, key_mask: Optional[
     in :func:`stride_pool`. Equals ``pool_matrix(adaptive_windows(...)) @ x``."""
     s = (min(size[0], grid[0]), min(size[1], grid[1]))
     return _masked_pool(x, grid, key_mask, lambda maps: F.adaptive_avg_pool2d(maps, s))
+
+
+def pool_kv(k: torch.Tensor, v: torch.Tensor, grid: tuple, kind: str, size: tuple,
+            key_mask: Optional[torch.Tensor] = None) -> tuple:
+    """``(k_pooled, v_pooled, pooled_mask)``: keys and values pooled alike, by
+    :func:`stride_pool` (``kind="stride"``, ``size`` the stride) or :func:`adaptive_pool`
+    (``kind="adaptive"``, ``size`` the output grid)."""
+    pool = stride_pool if kind == "stride" else adaptive_pool
+    kp, real = pool(k, grid, size, key_mask)
+    vp, _ = pool(v, grid, size, key_mask)
+    return kp, vp, real
 
 
 def conv_pool(x: torch.Tensor, grid: tuple, weight: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> tuple:

@@ -66,13 +66,12 @@ from ...errors import AttentionInputError, fmt_shape
 from ...kernels.common import compute_dtype, repeat_kv
 from ...kernels.dense import masked_softmax
 from ...kernels.grid_pool import (
-    adaptive_pool,
     adaptive_windows,
     check_grid_option,
+    pool_kv,
     pool_matrix,
     resolve_grid,
     size_of,
-    stride_pool,
     stride_windows,
 )
 from ...kernels.masking import MaskMod
@@ -220,12 +219,7 @@ def gather(q, k, v, call):
     flat = idx.reshape(-1)
     kg = kc.index_select(2, flat).view(B, Hkv, N, K, D)
     vg = vc.index_select(2, flat).view(B, Hkv, N, K, Dv)
-    if kind == "stride":
-        kp, real = stride_pool(k, grid, size, km)
-        vp, _ = stride_pool(v, grid, size, km)
-    else:
-        kp, real = adaptive_pool(k, grid, size, km)
-        vp, _ = adaptive_pool(v, grid, size, km)
+    kp, vp, real = pool_kv(k, v, grid, kind, size, km)
     M = kp.shape[2]
     qg = q.to(ct).view(B, Hkv, G, N, D) * call.scale
     s_local = torch.einsum("bhgnd,bhnkd->bhgnk", qg, kg)

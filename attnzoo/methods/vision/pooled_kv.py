@@ -69,16 +69,15 @@ from ...errors import AttentionInputError
 from ...kernels.common import compute_dtype, repeat_kv
 from ...kernels.dense import masked_softmax
 from ...kernels.grid_pool import (
-    adaptive_pool,
     adaptive_windows,
     check_conv_weight,
     check_grid_option,
     conv_pool,
+    pool_kv,
     pool_matrix,
     pooled_attention,
     resolve_grid,
     size_of,
-    stride_pool,
     stride_windows,
 )
 from ...registry import MethodOptions, method
@@ -235,12 +234,8 @@ def sdpa(q, k, v, call):
         w_k, w_v = _conv_weights(k, v, o, size)
         kp, real = conv_pool(k, grid, w_k, km)
         vp, _ = conv_pool(v, grid, w_v, km)
-    elif kind == "stride":
-        kp, real = stride_pool(k, grid, size, km)
-        vp, _ = stride_pool(v, grid, size, km)
     else:
-        kp, real = adaptive_pool(k, grid, size, km)
-        vp, _ = adaptive_pool(v, grid, size, km)
+        kp, vp, real = pool_kv(k, v, grid, kind, size, km)
     return pooled_attention(q, kp, vp, real, scale=call.scale)
 
 
