@@ -1,8 +1,8 @@
 # make test   -- create .venv if missing (torch CPU build first), run the test suite (slowest tests listed)
 # make test-fast -- the same without the tests marked slow (trainings, real sweeps, compiles)
 # make docs   -- same set-up, the documentation site (a page per method, from the registry) into site/
-# make bench  -- same set-up, run the quick benchmark (about 15 minutes on 2 cores with 43 methods: the papers' claims,
-#                then efficiency and tasks) and write bench-results/report.md, report.html and plots
+# make bench  -- same set-up, run the quick benchmark (under 5 minutes on 2 cores with 43 methods: the papers' claims,
+#                then efficiency and tasks; see benchmarks/quick.toml) and write bench-results/report.md, report.html and plots
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

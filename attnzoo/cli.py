@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="a config name in benchmarks/ (quick, full) or a TOML path "
                        "(default: full, or quick with --quick)")
         p.add_argument("--quick", action="store_true", help="the quick config (benchmarks/quick.toml: every method, "
-                       "all four patterns, about 15 min on 2 cores)")
+                       "forward timings in the self patterns, classify and MQAR; under 5 min on 2 cores)")
         p.add_argument("--methods", default=None, help="comma-separated method or method:impl, or all "
                        "(default: the config's)")
         p.add_argument("--patterns", default=None, help=f"comma-separated, any of {', '.join(registry.PATTERNS)}")

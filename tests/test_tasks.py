@@ -233,14 +233,14 @@ def test_run_task_learns_copy():
 
 @pytest.mark.slow
 def test_quick_config_tasks_are_learnt_by_softmax_and_not_by_a_short_window():
-    """The quick settings say something: exact attention learns every task (CAB's four and
-    MQAR), and a sliding window of N/4 — which cannot see the lookups — stays far below
-    on the long-range classify task."""
+    """The quick settings say something: exact attention learns both quick tasks (CAB's
+    classify and MQAR), and a sliding window of N/4 — which cannot see the lookups — stays
+    far below on the long-range classify task."""
     from attnzoo.bench.results import load_config
 
     table = load_config("quick")[0]["tasks"]
     cases = build_task_cases(table, ["softmax"])
-    assert {c.task for c in cases} == {"classify", "copy", "reverse", "transduce", "mqar"}
+    assert {c.task for c in cases} == {"classify", "mqar"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the benchmark's workers run them (and deterministic)
     try:

@@ -35,9 +35,10 @@ def _context():
         if "forkserver" in methods:
             # torch.autograd imports symbolic_shapes (and sympy, ~0.4 s, ~40 MiB) at the first
             # backward with a given gradient: preloaded, so no fwd+bwd case pays for it in its
-            # time or its resident-set growth
-            _CTX.set_forkserver_preload(["torch", "torch.fx.experimental.symbolic_shapes", "attnzoo",
-                                         "attnzoo.bench.efficiency"])
+            # time or its resident-set growth. torch.optim's first optimizer imports
+            # torch._dynamo (~1.4 s): preloaded, or every task training paid it in its train_s
+            _CTX.set_forkserver_preload(["torch", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+                                         "attnzoo", "attnzoo.bench.efficiency", "attnzoo.bench.tasks.suite"])
     return _CTX
 
 
