@@ -65,12 +65,13 @@ def block_means(x: torch.Tensor, key_mask: Optional[torch.Tensor], s: int, dtype
     nb = num_blocks(N, s)
     pad = nb * s - N
     dtype = x.dtype if dtype is None else dtype
-    if key_mask is None:
-        real = torch.ones(B, N, dtype=dtype, device=x.device)
-    else:
-        real = key_mask.to(dtype)
+    real = torch.ones(B, N, dtype=dtype, device=x.device) if key_mask is None else key_mask.to(dtype)
     real = F.pad(real, (0, pad))
-    xw = F.pad(x.to(dtype), (0, 0, 0, pad)) * real.view(B, 1, -1, 1)
+    xw = x.to(dtype)
+    if pad:
+        xw = F.pad(xw, (0, 0, 0, pad))
+    if key_mask is not None:  # without a mask every row is real: no (B, H, N, D) product by ones
+        xw = xw * real.view(B, 1, -1, 1)
     count = real.view(B, nb, s).sum(-1)
     means = xw.view(B, H, nb, s, D).sum(3) / count.clamp(min=1).view(B, 1, nb, 1)
     return means, count

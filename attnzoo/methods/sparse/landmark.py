@@ -284,7 +284,6 @@ def select(q, k, *, causal, key_mask, scale, block_size, topk, landmarks=None):
         valid[..., 0] = (p >= 0).view(1, 1, Nq)
         if kk == 0 or nkb < 2:
             return idx, valid
-        q64 = selection_values(q)
         padded = key_mask is not None and not bool(has.all())
         rows = max(1, (1 << 21) // max(1, B * Hq * nkb))
         for r0 in range(0, Nq, rows):
@@ -293,12 +292,14 @@ def select(q, k, *, causal, key_mask, scale, block_size, topk, landmarks=None):
             cols = int(own_c.max()) if causal else nkb  # candidates: b < own (causal), b != own
             if cols == 0:
                 continue
-            qc = q64[:, :, r0:r1].reshape(B, Hkv, G * R, D)
-            sc = ((qc @ lm[:, :, :cols].transpose(-1, -2)) * float(scale)).view(B, Hq, R, cols)
+            # the chunk's queries in the selection arithmetic, converted chunk by chunk (a
+            # float64 copy of all of q is as large as q twice over, and fresh memory is slow)
+            qc = selection_values(q[:, :, r0:r1]).reshape(B, Hkv, G * R, D)
+            sc = (qc @ lm[:, :, :cols].transpose(-1, -2)).mul_(float(scale)).view(B, Hq, R, cols)
             if causal:  # b >= own(i) (and rows before the keys) are no candidates: the last columns only
                 lo = int(own_c.min())
                 out = (torch.arange(lo, cols, device=dev).view(1, -1) >= own_c.view(-1, 1)) | (p_c < 0).view(-1, 1)
-                sc[..., lo:] = sc[..., lo:].masked_fill(out, float("-inf"))
+                sc[..., lo:].masked_fill_(out, float("-inf"))
             else:
                 sc.scatter_(-1, own_c.view(1, 1, R, 1).expand(B, Hq, R, 1), float("-inf"))
                 if bool((p_c < 0).any()):
@@ -315,7 +316,7 @@ def select(q, k, *, causal, key_mask, scale, block_size, topk, landmarks=None):
 #: Query rows per tile of the block-granular kernel: a tile is up to ``TILE_ROWS``
 #: (query, block) pairs that retrieved the same key block, scored by one
 #: ``(rows, D) @ (D, block)`` product.
-TILE_ROWS = 32
+TILE_ROWS = 128
 
 
 def _tiles(idx, valid, *, kv_heads, nkb, tile):
@@ -363,7 +364,10 @@ def _partial(s, vb):
     with torch.no_grad():
         m = s.amax(-1)
         m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    e = torch.exp(s - m_safe.unsqueeze(-1))
+    if s.requires_grad or vb.requires_grad:
+        e = torch.exp(s - m_safe.unsqueeze(-1))
+    else:  # no graph to keep: in place, no second (pairs x block) tensor
+        e = s.sub_(m_safe.unsqueeze(-1)).exp_()
     return m, e @ vb, e.sum(-1)
 
 
@@ -433,9 +437,12 @@ def block_pairs_attention(q, k, v, *, idx, valid, block, scale, causal, mask=Non
             so = so.masked_fill(~ok, neg)
         m, num, den = _partial(so.view(B, Hkv, G, nob, bs, bs), va)
         back = (0, 0, -lead, -pad)  # aligned rows -> query rows (rows before the keys: nothing)
-        m = F.pad(m.reshape(B, Hq, nob * bs, 1), back, value=neg).reshape(BHN)
-        num = F.pad(num.reshape(B, Hq, nob * bs, Dv), back).reshape(BHN, Dv)
-        den = F.pad(den.reshape(B, Hq, nob * bs, 1), back).reshape(BHN)
+        if lead or pad:
+            m = F.pad(m.reshape(B, Hq, nob * bs, 1), back, value=neg).reshape(BHN)
+            num = F.pad(num.reshape(B, Hq, nob * bs, Dv), back).reshape(BHN, Dv)
+            den = F.pad(den.reshape(B, Hq, nob * bs, 1), back).reshape(BHN)
+        else:  # the aligned rows are the query rows
+            m, num, den = m.reshape(BHN), num.reshape(BHN, Dv), den.reshape(BHN)
         pieces.append((m, num, den))
     with torch.no_grad():
         idx, valid = idx.expand(B, Hq, Nq, K), valid.expand(B, Hq, Nq, K)
@@ -468,8 +475,9 @@ def block_pairs_attention(q, k, v, *, idx, valid, block, scale, causal, mask=Non
     kt = kp_all.reshape(B * Hkv * nkb, bs, D).index_select(0, blocks)
     vt = vp_all.reshape(B * Hkv * nkb, bs, Dv).index_select(0, blocks)
     st = torch.bmm(qt, kt.transpose(1, 2))
+    graph = st.requires_grad
     if ok is not None:
-        st = st.masked_fill(~ok, neg)
+        st = st.masked_fill(~ok, neg) if graph else st.masked_fill_(~ok, neg)
     m_t, num_t, den_t = _partial(st, vt)
     with torch.no_grad():
         m_t = m_t.masked_fill(~filled, neg).view(-1)
@@ -480,12 +488,20 @@ def block_pairs_attention(q, k, v, *, idx, valid, block, scale, causal, mask=Non
         top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
         w_t = torch.exp(m_t - top[flat])  # 0 for empty rows and pairs with nothing visible
         w_own = [torch.exp(m - top[:BHN]) for m, _, _ in pieces]
-    out = torch.zeros(BHN + 1, Dv, dtype=ct, device=dev).index_add(0, flat, num_t.view(-1, Dv) * w_t.unsqueeze(-1))
-    tot = torch.zeros(BHN + 1, dtype=ct, device=dev).index_add(0, flat, den_t.view(-1) * w_t)
-    out, tot = out[:BHN], tot[:BHN]
-    for (_, num, den), w in zip(pieces, w_own):
-        out = out + num * w.unsqueeze(-1)
-        tot = tot + den * w
+    if graph or any(num.requires_grad for _, num, _ in pieces):
+        out = torch.zeros(BHN + 1, Dv, dtype=ct, device=dev).index_add(0, flat, num_t.view(-1, Dv) * w_t.unsqueeze(-1))
+        tot = torch.zeros(BHN + 1, dtype=ct, device=dev).index_add(0, flat, den_t.view(-1) * w_t)
+        out, tot = out[:BHN], tot[:BHN]
+        for (_, num, den), w in zip(pieces, w_own):
+            out = out + num * w.unsqueeze(-1)
+            tot = tot + den * w
+    else:  # no graph: the same sums in place (each pairs-sized temporary is another fresh 100+ MiB at 16K)
+        out = torch.zeros(BHN + 1, Dv, dtype=ct, device=dev).index_add_(0, flat, num_t.view(-1, Dv).mul_(w_t.unsqueeze(-1)))
+        tot = torch.zeros(BHN + 1, dtype=ct, device=dev).index_add_(0, flat, den_t.view(-1).mul_(w_t))
+        out, tot = out[:BHN], tot[:BHN]
+        for (_, num, den), w in zip(pieces, w_own):
+            out.addcmul_(num, w.unsqueeze(-1))
+            tot.addcmul_(den, w)
     tot = tot.unsqueeze(-1)
     empty = tot == 0  # nothing visible: zeros
     out = torch.where(empty, torch.zeros_like(out), out / torch.where(empty, torch.ones_like(tot), tot))
