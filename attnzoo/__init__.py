@@ -6,7 +6,11 @@
     model = az.convert(hf_model, "hedgehog")  # a Hugging Face model's attention swapped and distilled
 """
 
-from . import methods  # noqa: F401  (discovers and registers the built-in methods)
+from . import allocator
+
+allocator.tune_on_import()  # freed temporaries stay in the heap: no page faults per call (attnzoo/allocator.py)
+
+from . import methods  # noqa: E402,F401  (discovers and registers the built-in methods)
 from .api import MethodModule, attention, build, config, detect_nan
 from .errors import AttentionInputError, UnknownMethod, UnsupportedImpl, UnsupportedPattern
 from .registry import PATTERNS, MethodOptions, MethodSpec, get, list_methods, method, register

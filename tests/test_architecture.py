@@ -20,7 +20,7 @@ PACKAGE = ROOT / "attnzoo"
 
 #: Layer of each top-level part of the package; a module may import its own layer or below.
 LAYERS = {
-    "errors": 0, "stats": 0, "data": 0,
+    "errors": 0, "stats": 0, "data": 0, "allocator": 0,
     "kernels": 1,
     "checks": 2,
     "registry": 3,

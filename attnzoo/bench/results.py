@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .. import allocator
 from ..errors import AttentionInputError
 
 try:  # Python 3.11+
@@ -88,6 +89,7 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "allocator": allocator.STATE,  # the malloc settings import attnzoo applied (attnzoo/allocator.py)
     }
 
 
