@@ -51,13 +51,18 @@ class ClippedSoftmaxRows:
 
     def forward(self, s, gamma):
         p = torch.softmax(s, dim=-1)
-        pre = torch.addcmul(gamma, p, self.zeta - gamma)
-        w = pre.clamp(0.0, 1.0)
-        return w, (p, pre, gamma)
+        w = torch.addcmul(gamma, p, self.zeta - gamma)
+        inside = (w >= 0) & (w <= 1)  # where the clamp passes gradients (bounds included): 1 byte a score
+        return w.clamp_(0.0, 1.0), (p, inside, gamma)
+
+    def forward_only(self, s, gamma):
+        """The forward without what the backward needs: one (rows, keys) tensor, in place."""
+        w = torch.softmax(s, dim=-1)
+        return w.mul_(self.zeta - gamma).add_(gamma).clamp_(0.0, 1.0), None
 
     def backward(self, dw, saved):
-        p, pre, gamma = saved
-        dp = dw.mul_((pre >= 0) & (pre <= 1)).mul_(self.zeta - gamma)  # clamp's gradient, bounds included
+        p, inside, gamma = saved
+        dp = dw.mul_(inside).mul_(self.zeta - gamma)  # the clamp's gradient, then the stretch's
         return torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
 
 
@@ -111,7 +116,8 @@ def _run(q, k, v, transform, scale, causal, bias_of, extra_of, rows, dout):
         if causal:
             mask_future_(s.view(B * Hkv, G, n, m), qs, offset)
         extra = extra_of(qs, qe) if extra_of is not None else None
-        w, saved = transform.forward(s, extra) if extra is not None else transform.forward(s)
+        forward = transform.forward_only if dout is None and hasattr(transform, "forward_only") else transform.forward
+        w, saved = forward(s, extra) if extra is not None else forward(s)
         if dout is None:
             out[:, :, qs:qe] = (w @ vc).view(B, Hkv * G, n, Dv)
             continue
