@@ -103,13 +103,18 @@ def _run(q, k, v, transform, scale, causal, bias_of, extra_of, rows, dout):
         dq = torch.empty(B, Hq, Nq, D, dtype=ct, device=q.device)
         dk = torch.zeros(B, Hkv, Nk, D, dtype=ct, device=q.device)
         dv = torch.zeros(B, Hkv, Nk, Dv, dtype=ct, device=q.device)
+        dkf, dvf = dk.view(B * Hkv, Nk, D), dv.view(B * Hkv, Nk, Dv)
+    # (B·H, N, D) views, sliced per chunk: slicing the 4-D tensors first and reshaping
+    # copied every chunk's key and value prefix (O(N²/rows) copies, a quarter of the forward)
+    kf = k.to(ct).reshape(B * Hkv, Nk, D)
+    vf = v.to(ct).reshape(B * Hkv, Nk, Dv)
+    qf = q.to(ct).reshape(B * Hkv, Nq, D) if G == 1 else None
     for qs in range(0, Nq, rows):
         qe = min(Nq, qs + rows)
         n = qe - qs
         m = max(1, min(Nk, qe + offset)) if causal else Nk  # the keys any row of the chunk may see
-        qc = q[:, :, qs:qe].to(ct).reshape(B * Hkv, G * n, D)
-        kc = k[:, :, :m].to(ct).reshape(B * Hkv, m, D)
-        vc = v[:, :, :m].to(ct).reshape(B * Hkv, m, Dv)
+        qc = qf[:, qs:qe] if qf is not None else q[:, :, qs:qe].to(ct).reshape(B * Hkv, G * n, D)
+        kc, vc = kf[:, :m], vf[:, :m]
         bias = bias_of(qs, qe)
         s = (torch.baddbmm(bias, qc, kc.transpose(-1, -2), alpha=scale) if bias is not None
              else torch.bmm(qc, kc.transpose(-1, -2)).mul_(scale))
@@ -125,8 +130,8 @@ def _run(q, k, v, transform, scale, causal, bias_of, extra_of, rows, dout):
         dw = do @ vc.transpose(-1, -2)
         ds = transform.backward(dw, saved)
         dq[:, :, qs:qe] = (ds @ kc).mul_(scale).view(B, Hq, n, D)
-        dk[:, :, :m] += (ds.transpose(-1, -2) @ qc).mul_(scale).view(B, Hkv, m, D)
-        dv[:, :, :m] += (w.transpose(-1, -2) @ do).view(B, Hkv, m, Dv)
+        dkf[:, :m].baddbmm_(ds.transpose(-1, -2), qc, alpha=scale)  # accumulated in place, no temporary
+        dvf[:, :m].baddbmm_(w.transpose(-1, -2), do)
     return out, (None if dout is None else (dq, dk, dv))
 
 
