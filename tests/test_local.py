@@ -257,3 +257,44 @@ def test_flex_block_masks_are_cached_by_the_pattern(monkeypatch, method, opts, o
     mod = masks.sliding_window_sink_mask(16, 2, True, 90, 96)
     assert mod.cache_key == masks.sliding_window_sink_mask(16, 2, True, 90, 96).cache_key == (
         "sliding_window", 16, 2, True, 6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_block_sparse_kernel_forward_without_graph_equals_dense_and_the_graph_path(causal, kv_heads):
+    """The kernel's no-graph forward (per-head blocks gathered from the whole k, v) against
+    dense masked softmax in float64 and against its recomputing autograd path: random
+    per-sequence, per-head selections with unused slots, key padding, GQA, a ragged end."""
+    from attnzoo.kernels.blocksparse import block_sparse_attention
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, N, D, bs, K = 2, 4, 70, 8, 16, 3
+    nb = -(-N // bs)
+    q = torch.randn(B, Hq, N, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, kv_heads, N, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, kv_heads, N, D, generator=g, dtype=torch.float64)
+    # distinct blocks per row (as block_indices gives), the own block first
+    own = torch.arange(nb).view(1, 1, nb, 1)
+    others = torch.rand(B, Hq, nb, nb, generator=g).masked_fill(torch.eye(nb, dtype=torch.bool), -1.0)
+    idx = torch.cat([own.expand(B, Hq, nb, 1), others.argsort(-1, descending=True)[..., :K - 1]], -1)
+    valid = torch.rand(B, Hq, nb, K, generator=g) < 0.7
+    valid[..., 0] = True
+    idx = torch.where(valid, idx, torch.full_like(idx, -1))  # unused slots hold garbage
+    key_mask = torch.ones(B, N, dtype=torch.bool)
+    key_mask[1, -9:] = False
+    with torch.no_grad():
+        fast = block_sparse_attention(q, k, v, idx=idx, valid=valid, block=bs, scale=D ** -0.5, causal=causal,
+                                      key_mask=key_mask)
+    qg = q.clone().requires_grad_(True)
+    graph = block_sparse_attention(qg, k, v, idx=idx, valid=valid, block=bs, scale=D ** -0.5, causal=causal,
+                                   key_mask=key_mask)
+    # dense truth: key j visible to query i iff its block is kept for i's block (and causal, real)
+    kept = torch.zeros(B, Hq, nb, nb, dtype=torch.long).scatter_add_(-1, idx.clamp(min=0), valid.long()) > 0
+    allowed = kept.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[:, :, :N, :N] & key_mask.view(B, 1, 1, N)
+    if causal:
+        allowed &= torch.ones(N, N, dtype=torch.bool).tril()
+    s = (q @ k.repeat_interleave(Hq // kv_heads, 1).transpose(-1, -2)) * D ** -0.5
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    dense = p @ v.repeat_interleave(Hq // kv_heads, 1)
+    assert torch.allclose(fast, dense, atol=1e-12)
+    assert torch.allclose(graph.detach(), fast, atol=1e-12)

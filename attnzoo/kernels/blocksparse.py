@@ -74,27 +74,13 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
     vpad = F.pad(v, (0, 0, 0, nkb * block - Nk)) if nkb * block != Nk else v
     per_seg = max(1, BLOCK_ELEMENTS // max(1, B * Hq * block * K * block))
     arange_b = torch.arange(block, device=q.device)
-    infos, plan = {}, []
-    for i0 in range(0, nqb, per_seg):
-        i1 = min(nqb, i0 + per_seg)
-        seg_idx, seg_valid = idx[:, :, i0:i1], valid[:, :, i0:i1]
-        needed = torch.unique(seg_idx[seg_valid]) if bool(seg_valid.any()) else seg_idx.new_zeros(1)
-        local = torch.searchsorted(needed, seg_idx.contiguous()).clamp(max=needed.numel() - 1)
-        keys = (needed.view(-1, 1) * block + arange_b).reshape(-1)
-        infos[i0 * block] = (needed, local, seg_valid)
-        plan.append((i0 * block, i1 * block, keys))
 
-    def seg_fn(qb, kb, vb, item):
-        qs, qe, _ = item
-        needed, local, seg_valid = infos[qs]
-        nb, sbq = needed.numel(), (qe - qs) // block
-        kb = kb.to(ct).view(B, Hkv, 1, nb, block, D).expand(B, Hkv, G, nb, block, D).reshape(B, Hq, nb, block, D)
-        vb = vb.to(ct).view(B, Hkv, 1, nb, block, Dv).expand(B, Hkv, G, nb, block, Dv).reshape(B, Hq, nb, block, Dv)
-        gi = local.reshape(Bl, Hl, sbq * K, 1, 1)
-        kg = torch.gather(kb, 2, gi.expand(B, Hq, sbq * K, block, D)).view(B, Hq, sbq, K * block, D)
-        vg = torch.gather(vb, 2, gi.expand(B, Hq, sbq * K, block, Dv)).view(B, Hq, sbq, K * block, Dv)
+    def attend(qb, kg, vg, qs, qe, blocks, seg_valid):
+        """Rows ``[qs, qe)`` against their gathered key blocks ``kg/vg (B, Hq, sbq, K·block, ·)``,
+        whose block numbers are ``blocks (Bl, Hl, sbq, K)``."""
+        sbq = (qe - qs) // block
         s = (qb.to(ct).view(B, Hq, sbq, block, D) @ kg.transpose(-1, -2)) * scale
-        key_pos = (needed[local] * block).unsqueeze(-1) + arange_b  # (Bl, Hl, sbq, K, block)
+        key_pos = (blocks * block).unsqueeze(-1) + arange_b  # (Bl, Hl, sbq, K, block)
         slot_ok = seg_valid.unsqueeze(-1).expand_as(key_pos).reshape(Bl, Hl, sbq, 1, K * block)
         kp = key_pos.reshape(Bl, Hl, sbq, 1, K * block)
         qp = (qs + torch.arange(qe - qs, device=q.device)).view(1, 1, sbq, block, 1)
@@ -117,5 +103,47 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
             ok = ok & kpm[torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1), kp]
         p = masked_softmax(s, ok)
         return (p @ vg).reshape(B, Hq, qe - qs, Dv).to(q.dtype)
+
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        # no graph: each (head, query block) gathers its K key blocks straight from the
+        # whole padded k and v by one index_select of contiguous blocks. The segments'
+        # union of needed blocks (below, for the recomputing backward) is nearly every
+        # block at long N, so copying it per segment made the forward O(N²/segment).
+        kf = kpad.to(ct).reshape(B * Hkv * nkb, block, D)
+        vf = vpad.to(ct).reshape(B * Hkv * nkb, block, Dv)
+        kv_row = ((torch.arange(B, device=q.device).view(B, 1, 1, 1) * Hkv
+                   + torch.div(torch.arange(Hq, device=q.device), G, rounding_mode="floor").view(1, Hq, 1, 1)) * nkb)
+        out = torch.empty(B, Hq, nqb * block, Dv, dtype=q.dtype, device=q.device)
+        for i0 in range(0, nqb, per_seg):
+            i1 = min(nqb, i0 + per_seg)
+            qs, qe, sbq = i0 * block, i1 * block, i1 - i0
+            blocks, seg_valid = idx[:, :, i0:i1], valid[:, :, i0:i1]
+            # flat block rows of kf / vf, (B·Hq·sbq·K,); unused slots (masked below) read block 0
+            rows = (kv_row + torch.where(seg_valid, blocks, 0).clamp(0, nkb - 1)).reshape(-1)
+            kg = kf.index_select(0, rows).view(B, Hq, sbq, K * block, D)
+            vg = vf.index_select(0, rows).view(B, Hq, sbq, K * block, Dv)
+            out[:, :, qs:qe] = attend(qpad[:, :, qs:qe], kg, vg, qs, qe, blocks, seg_valid)
+        return out[:, :, :Nq]
+
+    infos, plan = {}, []
+    for i0 in range(0, nqb, per_seg):
+        i1 = min(nqb, i0 + per_seg)
+        seg_idx, seg_valid = idx[:, :, i0:i1], valid[:, :, i0:i1]
+        needed = torch.unique(seg_idx[seg_valid]) if bool(seg_valid.any()) else seg_idx.new_zeros(1)
+        local = torch.searchsorted(needed, seg_idx.contiguous()).clamp(max=needed.numel() - 1)
+        keys = (needed.view(-1, 1) * block + arange_b).reshape(-1)
+        infos[i0 * block] = (needed, local, seg_valid)
+        plan.append((i0 * block, i1 * block, keys))
+
+    def seg_fn(qb, kb, vb, item):
+        qs, qe, _ = item
+        needed, local, seg_valid = infos[qs]
+        nb, sbq = needed.numel(), (qe - qs) // block
+        kb = kb.to(ct).view(B, Hkv, 1, nb, block, D).expand(B, Hkv, G, nb, block, D).reshape(B, Hq, nb, block, D)
+        vb = vb.to(ct).view(B, Hkv, 1, nb, block, Dv).expand(B, Hkv, G, nb, block, Dv).reshape(B, Hq, nb, block, Dv)
+        gi = local.reshape(Bl, Hl, sbq * K, 1, 1)
+        kg = torch.gather(kb, 2, gi.expand(B, Hq, sbq * K, block, D)).view(B, Hq, sbq, K * block, D)
+        vg = torch.gather(vb, 2, gi.expand(B, Hq, sbq * K, block, Dv)).view(B, Hq, sbq, K * block, Dv)
+        return attend(qb, kg, vg, qs, qe, needed[local], seg_valid)
 
     return segmented(seg_fn, plan, qpad, kpad, vpad)[:, :, :Nq]
