@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import BLOCK_ELEMENTS, compute_dtype
-from .dense import masked_softmax
+from .dense import masked_softmax, masked_softmax_
 from .segmented import segmented
 
 
@@ -75,11 +75,12 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
     per_seg = max(1, BLOCK_ELEMENTS // max(1, B * Hq * block * K * block))
     arange_b = torch.arange(block, device=q.device)
 
-    def attend(qb, kg, vg, qs, qe, blocks, seg_valid):
+    def attend(qb, kg, vg, qs, qe, blocks, seg_valid, graph=True):
         """Rows ``[qs, qe)`` against their gathered key blocks ``kg/vg (B, Hq, sbq, K·block, ·)``,
-        whose block numbers are ``blocks (Bl, Hl, sbq, K)``."""
+        whose block numbers are ``blocks (Bl, Hl, sbq, K)``; without ``graph``, in place."""
         sbq = (qe - qs) // block
-        s = (qb.to(ct).view(B, Hq, sbq, block, D) @ kg.transpose(-1, -2)) * scale
+        s = qb.to(ct).view(B, Hq, sbq, block, D) @ kg.transpose(-1, -2)
+        s = s * scale if graph else s.mul_(scale)
         key_pos = (blocks * block).unsqueeze(-1) + arange_b  # (Bl, Hl, sbq, K, block)
         slot_ok = seg_valid.unsqueeze(-1).expand_as(key_pos).reshape(Bl, Hl, sbq, 1, K * block)
         kp = key_pos.reshape(Bl, Hl, sbq, 1, K * block)
@@ -101,7 +102,7 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
         if key_mask is not None:
             kpm = F.pad(key_mask, (0, nkb * block - Nk))
             ok = ok & kpm[torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1), kp]
-        p = masked_softmax(s, ok)
+        p = masked_softmax(s, ok) if graph or score_mod is not None else masked_softmax_(s, ok)
         return (p @ vg).reshape(B, Hq, qe - qs, Dv).to(q.dtype)
 
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
@@ -122,7 +123,7 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
             rows = (kv_row + torch.where(seg_valid, blocks, 0).clamp(0, nkb - 1)).reshape(-1)
             kg = kf.index_select(0, rows).view(B, Hq, sbq, K * block, D)
             vg = vf.index_select(0, rows).view(B, Hq, sbq, K * block, Dv)
-            out[:, :, qs:qe] = attend(qpad[:, :, qs:qe], kg, vg, qs, qe, blocks, seg_valid)
+            out[:, :, qs:qe] = attend(qpad[:, :, qs:qe], kg, vg, qs, qe, blocks, seg_valid, graph=False)
         return out[:, :, :Nq]
 
     infos, plan = {}, []

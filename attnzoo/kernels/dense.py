@@ -28,6 +28,17 @@ def masked_softmax(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Te
     return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
+def masked_softmax_(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`masked_softmax` for scores no graph needs: masked in place, one new tensor
+    (the softmax) instead of four score-sized ones."""
+    if allowed is not None:
+        s.masked_fill_(~allowed, float("-inf"))
+    dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+    if not bool(dead.any()):
+        return torch.softmax(s, dim=-1)
+    return torch.softmax(s.masked_fill_(dead, 0.0), dim=-1).masked_fill_(dead, 0.0)
+
+
 def mask_future_(s: torch.Tensor, qs: int, offset: int, value: float = float("-inf")) -> torch.Tensor:
     """In place: ``value`` where a key is later than its query (lower-right causal), on a
     score block ``s (..., n, m)`` whose rows are queries ``qs .. qs + n - 1`` and whose

@@ -66,8 +66,9 @@ import torch.nn.functional as F
 
 from ... import stats
 from ...errors import AttentionInputError, UnsupportedPattern, fmt_shape
+from ...kernels.block_select import SELECT_DTYPE
 from ...kernels.blocksparse import block_sparse_attention
-from ...kernels.common import int_pair, mean_density, real_visible_counts, repeat_kv
+from ...kernels.common import BLOCK_ELEMENTS, int_pair, mean_density, real_visible_counts, repeat_kv
 from ...kernels.routing_select import (rank_by_count, routed_softmax, selection_input, selection_scores,
                                        top_by_sort)
 from ...registry import MethodOptions, method
@@ -222,11 +223,17 @@ def _region_means(x: torch.Tensor, R: int, weight: Optional[torch.Tensor]) -> tu
     ``(means (B, H, n, D), any_real (B or 1, 1, n))``."""
     B, H, N, D = x.shape
     n = -(-N // R)
+    acc = SELECT_DTYPE  # sums accumulated in the selection arithmetic, without a float64 copy of x
     w = torch.ones(1, 1, N, dtype=x.dtype, device=x.device) if weight is None else weight.view(B, 1, N).to(x.dtype)
-    w = F.pad(w, (0, n * R - N))
-    xs = F.pad(x, (0, 0, 0, n * R - N)).view(B, H, n, R, D)
-    cnt = w.view(w.shape[0], 1, n, R).sum(-1)
-    sums = (xs * w.view(w.shape[0], 1, n, R, 1)).sum(3)
+    w = F.pad(w, (0, n * R - N)) if n * R != N else w
+    xs = (F.pad(x, (0, 0, 0, n * R - N)) if n * R != N else x).view(B, H, n, R, D)
+    cnt = w.view(w.shape[0], 1, n, R).sum(-1, dtype=acc)
+    wv = None if weight is None else w.view(w.shape[0], 1, n, R, 1)
+    # in runs of regions: a sum into float64 converts its whole input first, and at
+    # N = 65,536 that was a fresh 268 MiB (page-faulted) copy of q and of k per call
+    step = max(1, BLOCK_ELEMENTS // max(1, B * H * R * D))
+    sums = torch.cat([(xs[:, :, a:a + step] if wv is None else xs[:, :, a:a + step] * wv[:, :, a:a + step]).sum(3, dtype=acc)
+                      for a in range(0, n, step)], dim=2)
     return sums / cnt.clamp_min(1.0).unsqueeze(-1), cnt > 0
 
 
@@ -238,14 +245,18 @@ def route(q, k, *, causal, key_mask, R, perm, topk):
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     with torch.no_grad():
-        qf = selection_input(q)
-        kf = selection_input(repeat_kv(k, Hq))
+        # the inputs as the selection reads them (detached, rounded to float32); the region
+        # means sum them in float64 (a float64 copy of q and of k repeated to the query
+        # heads was 4 x 268 MiB of fresh memory at N = 65,536)
+        qf = q.detach().to(torch.float32)
+        kf = k.detach().to(torch.float32)
         kpm = key_mask
         if perm is not None:
             qf, kf = qf[:, :, perm], kf[:, :, perm]
             kpm = None if kpm is None else kpm[:, perm]
         qr, _ = _region_means(qf, R, None)
         kr, real = _region_means(kf, R, kpm)
+        kr = repeat_kv(kr, Hq)  # the key heads' region means, read by their query heads
         A = selection_scores(qr @ kr.transpose(-1, -2))  # (B, Hq, nqr, nkr)
         nqr, nkr = A.shape[2], A.shape[3]
         eligible = real.view(real.shape[0], 1, 1, nkr)
