@@ -264,9 +264,13 @@ def select(q, k, *, causal, key_mask, scale, block_size, topk, representative="m
         layout = (layout & live.view(-1, 1)).view(1, 1, nqb, nkb).expand(B, Hq, nqb, nkb).clone()
 
         real = key_mask
-        qb = F.pad(selection_values(q), (0, 0, 0, nqb * bs - Nq)).view(B, Hq, nqb, bs, D)
+        q64 = selection_values(q)
+        qb = (F.pad(q64, (0, 0, 0, nqb * bs - Nq)) if nqb * bs != Nq else q64).view(B, Hq, nqb, bs, D)
         q_ok = (torch.arange(nqb * bs, device=dev) < Nq).view(1, 1, nqb, bs, 1)
-        kc = selection_values(k)
+        # the representatives are gathered from k and only then put in the selection
+        # arithmetic (the same values): a float64 copy of all of k was another 268 MiB of
+        # fresh memory per call at N = 65,536
+        kc = selection_values(k) if representative == "max_norm" else k.detach()
         if representative == "max_norm":
             norms = (kc * kc).sum(-1)  # squared norms: the same order
             if real is not None:
@@ -292,7 +296,7 @@ def select(q, k, *, causal, key_mask, scale, block_size, topk, representative="m
                 b_kv = torch.maximum(kb, a + 1).reshape(B, Hkv, G * nqb * ka.shape[-1])
                 rep = _range_argmax(table, norms, a_kv, b_kv).reshape(ka.shape)
             rep = rep.clamp(0, Nk - 1)
-            krep = kc[bi, hk, rep]  # (B, Hq, nqb, S, D)
+            krep = selection_values(kc[bi, hk, rep])  # (B, Hq, nqb, S, D)
             sc = (qb @ krep.transpose(-1, -2)) * scale  # (B, Hq, nqb, bs, S)
             sc = sc.masked_fill(~q_ok, NEG).amax(dim=-2)
             ok = nonempty
