@@ -58,12 +58,14 @@ def noncausal_linear(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> tor
     return fq @ (fk.transpose(-1, -2) @ v)
 
 
-#: Largest intermediate (elements) one segment of the causal scan may create: 512 Ki
-#: float32 = 2 MiB. The segments' temporaries are then freed and reused in the heap from
-#: one segment to the next (with attnzoo's allocator settings, attnzoo/allocator.py), so
-#: only the first segment touches fresh pages: causal linear at N = 16,384 took 110 ms
-#: warm and 135-220 ms in a fresh process, against 170 / 220 ms with 16 MiB segments.
-SEGMENT_ELEMENTS = 1 << 19
+#: Largest intermediate (elements) one segment of the causal scan may create: 1 Mi
+#: float32 = 4 MiB. The segments' temporaries are freed and reused in the heap from one
+#: segment to the next (with attnzoo's allocator settings, attnzoo/allocator.py), so only
+#: the first segment touches fresh pages: causal linear at N = 16,384 (B·H = 8) took
+#: 110-125 ms warm and 140-160 ms in a fresh process, against 170 / 220 ms with 16 MiB
+#: segments. 2 MiB segments measured the same there but cost lightning 2x at B·H = 2,
+#: N = 8,192 (two segments of 4,096 tokens instead of one).
+SEGMENT_ELEMENTS = 1 << 20
 
 
 def segment_length(batch: int, heads: int, width: int, chunk: int = DEFAULT_CHUNK) -> int:
