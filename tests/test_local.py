@@ -279,7 +279,8 @@ def test_block_sparse_kernel_forward_without_graph_equals_dense_and_the_graph_pa
     idx = torch.cat([own.expand(B, Hq, nb, 1), others.argsort(-1, descending=True)[..., :K - 1]], -1)
     valid = torch.rand(B, Hq, nb, K, generator=g) < 0.7
     valid[..., 0] = True
-    idx = torch.where(valid, idx, torch.full_like(idx, -1))  # unused slots hold garbage
+    garbage = torch.tensor([-1, nb + 7])[torch.randint(0, 2, idx.shape, generator=g)]
+    idx = torch.where(valid, idx, garbage)  # unused slots hold garbage, out of range both ways
     key_mask = torch.ones(B, N, dtype=torch.bool)
     key_mask[1, -9:] = False
     with torch.no_grad():
@@ -289,7 +290,7 @@ def test_block_sparse_kernel_forward_without_graph_equals_dense_and_the_graph_pa
     graph = block_sparse_attention(qg, k, v, idx=idx, valid=valid, block=bs, scale=D ** -0.5, causal=causal,
                                    key_mask=key_mask)
     # dense truth: key j visible to query i iff its block is kept for i's block (and causal, real)
-    kept = torch.zeros(B, Hq, nb, nb, dtype=torch.long).scatter_add_(-1, idx.clamp(min=0), valid.long()) > 0
+    kept = torch.zeros(B, Hq, nb, nb, dtype=torch.long).scatter_add_(-1, idx.clamp(0, nb - 1), valid.long()) > 0
     allowed = kept.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[:, :, :N, :N] & key_mask.view(B, 1, 1, N)
     if causal:
         allowed &= torch.ones(N, N, dtype=torch.bool).tril()

@@ -119,8 +119,10 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
             i1 = min(nqb, i0 + per_seg)
             qs, qe, sbq = i0 * block, i1 * block, i1 - i0
             blocks, seg_valid = idx[:, :, i0:i1], valid[:, :, i0:i1]
-            # flat block rows of kf / vf, (B·Hq·sbq·K,); unused slots (masked below) read block 0
-            rows = (kv_row + torch.where(seg_valid, blocks, 0).clamp(0, nkb - 1)).reshape(-1)
+            # unused slots may hold anything: they read block 0 and are masked in attend, so
+            # masks and key padding are only ever indexed at real positions
+            blocks = torch.where(seg_valid, blocks, 0).clamp(0, nkb - 1)
+            rows = (kv_row + blocks).reshape(-1)  # flat block rows of kf / vf, (B·Hq·sbq·K,)
             kg = kf.index_select(0, rows).view(B, Hq, sbq, K * block, D)
             vg = vf.index_select(0, rows).view(B, Hq, sbq, K * block, Dv)
             out[:, :, qs:qe] = attend(qpad[:, :, qs:qe], kg, vg, qs, qe, blocks, seg_valid, graph=False)
