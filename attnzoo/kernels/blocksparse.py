@@ -20,8 +20,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .common import BLOCK_ELEMENTS, compute_dtype
-from .dense import masked_softmax, masked_softmax_
+from .common import BLOCK_ELEMENTS, compute_dtype, needs_graph
+from .dense import masked_softmax
 from .segmented import segmented
 
 
@@ -102,10 +102,10 @@ def block_sparse_attention(q, k, v, *, idx: torch.Tensor, valid: torch.Tensor, b
         if key_mask is not None:
             kpm = F.pad(key_mask, (0, nkb * block - Nk))
             ok = ok & kpm[torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1), kp]
-        p = masked_softmax(s, ok) if graph or score_mod is not None else masked_softmax_(s, ok)
+        p = masked_softmax(s, ok, inplace=not graph and score_mod is None)
         return (p @ vg).reshape(B, Hq, qe - qs, Dv).to(q.dtype)
 
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if not needs_graph(q, k, v):
         # no graph: each (head, query block) gathers its K key blocks straight from the
         # whole padded k and v by one index_select of contiguous blocks. The segments'
         # union of needed blocks (below, for the recomputing backward) is nearly every

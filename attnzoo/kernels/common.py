@@ -21,6 +21,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def needs_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on ``tensors``: grad mode is on and one of them
+    requires grad. Fast paths take their in-place, no-graph branch when it is False."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def repeat_kv(x: torch.Tensor, q_heads: int) -> torch.Tensor:
     """``(B, Hkv, N, D) -> (B, Hq, N, D)``: each k/v head serves ``Hq // Hkv`` query heads."""
     groups = q_heads // x.shape[1]

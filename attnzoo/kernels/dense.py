@@ -18,25 +18,19 @@ from .common import compute_dtype, repeat_kv
 from .masking import make_masker
 
 
-def masked_softmax(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_softmax(s: torch.Tensor, allowed: Optional[torch.Tensor], *, inplace: bool = False) -> torch.Tensor:
     """Row softmax of ``s`` over the allowed entries; a row with nothing allowed — masked
     out, or all ``-inf`` scores (a float mask) — gives zeros, never NaN, and a zero
-    gradient."""
+    gradient. ``inplace``: for scores no graph needs, masked in place, so the softmax is
+    the one new score-sized tensor (four otherwise)."""
     if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
+        s = s.masked_fill_(~allowed, float("-inf")) if inplace else s.masked_fill(~allowed, float("-inf"))
     dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+    if inplace:
+        if not bool(dead.any()):
+            return torch.softmax(s, dim=-1)
+        return torch.softmax(s.masked_fill_(dead, 0.0), dim=-1).masked_fill_(dead, 0.0)
     return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-
-
-def masked_softmax_(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
-    """:func:`masked_softmax` for scores no graph needs: masked in place, one new tensor
-    (the softmax) instead of four score-sized ones."""
-    if allowed is not None:
-        s.masked_fill_(~allowed, float("-inf"))
-    dead = torch.isneginf(s).all(dim=-1, keepdim=True)
-    if not bool(dead.any()):
-        return torch.softmax(s, dim=-1)
-    return torch.softmax(s.masked_fill_(dead, 0.0), dim=-1).masked_fill_(dead, 0.0)
 
 
 def mask_future_(s: torch.Tensor, qs: int, offset: int, value: float = float("-inf")) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import AttentionInputError
-from .common import compute_dtype, repeat_kv
+from .common import compute_dtype, needs_graph, repeat_kv
 
 DEFAULT_CHUNK = 64
 
@@ -82,7 +82,7 @@ def causal_segments(q, k, v, key_mask, run_segment, chunk: int = DEFAULT_CHUNK):
     B, Hq, N, D = q.shape
     seg = segment_length(B, Hq, max(D, v.shape[-1], chunk), chunk)
     kpms = key_mask.split(seg, dim=1) if key_mask is not None else [None] * (-(-N // seg))
-    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    graph = needs_graph(q, k, v)
     outs, state, result = [], None, None
     for i, (q_s, k_s, v_s, m_s) in enumerate(zip(q.split(seg, 2), k.split(seg, 2), v.split(seg, 2), kpms)):
         out, state = run_segment(q_s, k_s, v_s, m_s, i * seg, state)

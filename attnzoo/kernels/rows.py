@@ -109,6 +109,8 @@ def _run(q, k, v, transform, scale, causal, bias_of, extra_of, rows, dout):
     kf = k.to(ct).reshape(B * Hkv, Nk, D)
     vf = v.to(ct).reshape(B * Hkv, Nk, Dv)
     qf = q.to(ct).reshape(B * Hkv, Nq, D) if G == 1 else None
+    # the forward alone needs nothing saved for a backward: the transform's lighter form if it has one
+    forward = transform.forward_only if dout is None and hasattr(transform, "forward_only") else transform.forward
     for qs in range(0, Nq, rows):
         qe = min(Nq, qs + rows)
         n = qe - qs
@@ -121,7 +123,6 @@ def _run(q, k, v, transform, scale, causal, bias_of, extra_of, rows, dout):
         if causal:
             mask_future_(s.view(B * Hkv, G, n, m), qs, offset)
         extra = extra_of(qs, qe) if extra_of is not None else None
-        forward = transform.forward_only if dout is None and hasattr(transform, "forward_only") else transform.forward
         w, saved = forward(s, extra) if extra is not None else forward(s)
         if dout is None:
             out[:, :, qs:qe] = (w @ vc).view(B, Hkv * G, n, Dv)

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .common import BLOCK_ELEMENTS, compute_dtype
+from .common import BLOCK_ELEMENTS, compute_dtype, needs_graph
 from .masking import Masker
 
 
@@ -86,7 +86,7 @@ def _select(k, v, keys):
 def segmented(seg_fn: Callable, plan: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Run ``seg_fn`` over the plan's segments (see :class:`_Segmented`); under autograd
     only q, k, v are kept and each segment is recomputed in the backward pass."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if needs_graph(q, k, v):
         return _Segmented.apply(seg_fn, plan, q, k, v)
     outs = [seg_fn(q[:, :, qs:qe], *_select(k, v, keys), (qs, qe, keys)) for qs, qe, keys in plan]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

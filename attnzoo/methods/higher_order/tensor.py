@@ -65,7 +65,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...errors import AttentionInputError, InputTooLarge, fmt_shape
 from ...kernels.caches import KVCacheDecoder
-from ...kernels.common import BLOCK_ELEMENTS, compute_dtype, repeat_kv
+from ...kernels.common import BLOCK_ELEMENTS, compute_dtype, needs_graph, repeat_kv
 from ...kernels.dense import masked_softmax
 from ...kernels.masking import group_mask
 from ...registry import MethodOptions, method
@@ -243,7 +243,7 @@ def chunk_attention(q, k, v, call):
         t = (p.view(B, Hkv, G, Nq * n, Nk) @ v2g_).view(B, Hkv, G, Nq, n, Dv)  # P_{i,j1,:} V2
         return (t * v1c.reshape(B, Hkv, 1, 1, n, Dv)).sum(-2)  # Σ_j1 V1_j1 ∘ (P_{i,j1,:} V2)
 
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k2, v2))
+    grad = needs_graph(q, k, v, k2, v2)
 
     def run(fn, *args):  # each chunk recomputed in the backward pass: no chunk's scores outlive it
         return checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
