@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .common import BLOCK_ELEMENTS
+
 SELECT_DTYPE = torch.float64
 
 
@@ -42,9 +44,15 @@ def aligned_positions(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     return torch.arange(q_len, device=device) + (kv_len - q_len)
 
 
+def selection_rounded(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached and rounded to float32: the values a selection reads, before its
+    float64 arithmetic (for sums that accumulate in float64 without a float64 copy)."""
+    return x.detach().to(torch.float32)
+
+
 def selection_values(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a selection reads it: detached, rounded to float32, held in float64."""
-    return x.detach().to(torch.float32).to(SELECT_DTYPE)
+    return selection_rounded(x).to(SELECT_DTYPE)
 
 
 def selection_scores(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -59,7 +67,10 @@ def block_means(x: torch.Tensor, key_mask: Optional[torch.Tensor], s: int, dtype
 
     ``x (B, H, N, D)``; ``key_mask`` ``(B, N)`` bool (True = real) or None. Returns
     ``means (B, H, nb, D)`` in ``dtype`` (default x's; a block without real rows has
-    mean 0) and ``count (B, nb)`` (its real rows, in the same dtype). Differentiable in x.
+    mean 0) and ``count (B, nb)`` (its real rows, in the same dtype). The sums accumulate
+    in ``dtype`` from x's own values, in runs of blocks: a whole float64 copy of a long x
+    (268 MiB at N = 65,536, H = 8) would be fresh, page-faulted memory on every call.
+    Differentiable in x.
     """
     B, H, N, D = x.shape
     nb = num_blocks(N, s)
@@ -67,13 +78,13 @@ def block_means(x: torch.Tensor, key_mask: Optional[torch.Tensor], s: int, dtype
     dtype = x.dtype if dtype is None else dtype
     real = torch.ones(B, N, dtype=dtype, device=x.device) if key_mask is None else key_mask.to(dtype)
     real = F.pad(real, (0, pad))
-    xw = x.to(dtype)
-    if pad:
-        xw = F.pad(xw, (0, 0, 0, pad))
-    if key_mask is not None:  # without a mask every row is real: no (B, H, N, D) product by ones
-        xw = xw * real.view(B, 1, -1, 1)
+    xs = (F.pad(x, (0, 0, 0, pad)) if pad else x).view(B, H, nb, s, D)
+    w = None if key_mask is None else real.view(B, 1, nb, s, 1).to(x.dtype)  # 0 / 1: exact in x's dtype
+    step = max(1, BLOCK_ELEMENTS // max(1, B * H * s * D))  # blocks per run
+    sums = [(xs[:, :, a:a + step] if w is None else xs[:, :, a:a + step] * w[:, :, a:a + step]).sum(3, dtype=dtype)
+            for a in range(0, nb, step)]
     count = real.view(B, nb, s).sum(-1)
-    means = xw.view(B, H, nb, s, D).sum(3) / count.clamp(min=1).view(B, 1, nb, 1)
+    means = (sums[0] if len(sums) == 1 else torch.cat(sums, dim=2)) / count.clamp(min=1).view(B, 1, nb, 1)
     return means, count
 
 

@@ -62,13 +62,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ... import stats
 from ...errors import AttentionInputError, UnsupportedPattern, fmt_shape
-from ...kernels.block_select import SELECT_DTYPE
+from ...kernels.block_select import SELECT_DTYPE, block_means, selection_rounded
 from ...kernels.blocksparse import block_sparse_attention
-from ...kernels.common import BLOCK_ELEMENTS, int_pair, mean_density, real_visible_counts, repeat_kv
+from ...kernels.common import int_pair, mean_density, real_visible_counts, repeat_kv
 from ...kernels.routing_select import (rank_by_count, routed_softmax, selection_input, selection_scores,
                                        top_by_sort)
 from ...registry import MethodOptions, method
@@ -218,25 +217,6 @@ def bilevel_routing(q, k, v, call):
 # ----------------------------------------------------------------------------- fast
 
 
-def _region_means(x: torch.Tensor, R: int, weight: Optional[torch.Tensor]) -> tuple:
-    """Means over consecutive runs of ``R`` tokens (weights: 1 real, 0 padded) ->
-    ``(means (B, H, n, D), any_real (B or 1, 1, n))``."""
-    B, H, N, D = x.shape
-    n = -(-N // R)
-    acc = SELECT_DTYPE  # sums accumulated in the selection arithmetic, without a float64 copy of x
-    w = torch.ones(1, 1, N, dtype=x.dtype, device=x.device) if weight is None else weight.view(B, 1, N).to(x.dtype)
-    w = F.pad(w, (0, n * R - N)) if n * R != N else w
-    xs = (F.pad(x, (0, 0, 0, n * R - N)) if n * R != N else x).view(B, H, n, R, D)
-    cnt = w.view(w.shape[0], 1, n, R).sum(-1, dtype=acc)
-    wv = None if weight is None else w.view(w.shape[0], 1, n, R, 1)
-    # in runs of regions: a sum into float64 converts its whole input first, and at
-    # N = 65,536 that was a fresh 268 MiB (page-faulted) copy of q and of k per call
-    step = max(1, BLOCK_ELEMENTS // max(1, B * H * R * D))
-    sums = torch.cat([(xs[:, :, a:a + step] if wv is None else xs[:, :, a:a + step] * wv[:, :, a:a + step]).sum(3, dtype=acc)
-                      for a in range(0, n, step)], dim=2)
-    return sums / cnt.clamp_min(1.0).unsqueeze(-1), cnt > 0
-
-
 def route(q, k, *, causal, key_mask, R, perm, topk):
     """The fast form's selection: ``(idx, valid)`` of shape ``(B, Hq, nq_regions, K)``, the
     selected key regions of each query region (best first), K = min(topk, nk_regions).
@@ -245,18 +225,17 @@ def route(q, k, *, causal, key_mask, R, perm, topk):
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     with torch.no_grad():
-        # the inputs as the selection reads them (detached, rounded to float32); the region
-        # means sum them in float64 (a float64 copy of q and of k repeated to the query
-        # heads was 4 x 268 MiB of fresh memory at N = 65,536)
-        qf = q.detach().to(torch.float32)
-        kf = k.detach().to(torch.float32)
+        # the inputs as the selection reads them (detached, rounded to float32); block_means
+        # sums them in float64 without a float64 copy (a float64 copy of q and of k
+        # repeated to the query heads was 4 x 268 MiB of fresh memory at N = 65,536)
+        qf, kf = selection_rounded(q), selection_rounded(k)
         kpm = key_mask
         if perm is not None:
             qf, kf = qf[:, :, perm], kf[:, :, perm]
             kpm = None if kpm is None else kpm[:, perm]
-        qr, _ = _region_means(qf, R, None)
-        kr, real = _region_means(kf, R, kpm)
-        kr = repeat_kv(kr, Hq)  # the key heads' region means, read by their query heads
+        qr, _ = block_means(qf, None, R, SELECT_DTYPE)
+        kr, count = block_means(kf, kpm, R, SELECT_DTYPE)
+        kr, real = repeat_kv(kr, Hq), count > 0  # the key heads' region means, read by their query heads
         A = selection_scores(qr @ kr.transpose(-1, -2))  # (B, Hq, nqr, nkr)
         nqr, nkr = A.shape[2], A.shape[3]
         eligible = real.view(real.shape[0], 1, 1, nkr)

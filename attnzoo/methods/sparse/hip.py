@@ -270,9 +270,10 @@ def select(q, k, *, causal, key_mask, scale, block_size, topk, representative="m
         # the representatives are gathered from k and only then put in the selection
         # arithmetic (the same values): a float64 copy of all of k was another 268 MiB of
         # fresh memory per call at N = 65,536
-        kc = selection_values(k) if representative == "max_norm" else k.detach()
+        kc = k.detach()
         if representative == "max_norm":
-            norms = (kc * kc).sum(-1)  # squared norms: the same order
+            k64 = selection_values(k)
+            norms = (k64 * k64).sum(-1)  # squared norms: the same order
             if real is not None:
                 norms = norms.masked_fill(~real.view(B, 1, Nk), NEG)
             table = _sparse_table(norms)

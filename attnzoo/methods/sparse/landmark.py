@@ -69,9 +69,9 @@ import torch.nn.functional as F
 from ... import stats
 from ...errors import AttentionInputError, fmt_shape
 from ...kernels.block_select import (SELECT_DTYPE, aligned_positions, block_means, expand_layout, kept_density,
-                                     num_blocks, selection_scores, selection_values, stable_topk)
+                                     num_blocks, selection_rounded, selection_scores, selection_values, stable_topk)
 from ...kernels.caches import Decoder, KVCache
-from ...kernels.common import compute_dtype, repeat_kv
+from ...kernels.common import compute_dtype, needs_graph, repeat_kv
 from ...kernels.dense import masked_softmax, softmax_attention
 from ...registry import MethodOptions, method
 
@@ -273,7 +273,7 @@ def select(q, k, *, causal, key_mask, scale, block_size, topk, landmarks=None):
         bs, kk = int(block_size), int(topk)
         nkb = num_blocks(Nk, bs)
         dev = q.device
-        lm, count = block_means(selection_values(k), key_mask, bs)
+        lm, count = block_means(selection_rounded(k), key_mask, bs, SELECT_DTYPE)  # sums in float64, no float64 copy of k
         lm = lm.to(torch.float32) if landmarks is None else landmarks.detach().to(torch.float32)
         lm = lm.to(SELECT_DTYPE)  # the float32 landmarks, held in float64
         has = count > 0  # (B, nkb)
@@ -357,14 +357,14 @@ def _mask_at(mask, b, h, i, j):
     return mask(b, h, i, j)
 
 
-def _partial(s, vb):
+def _partial(s, vb, graph=True):
     """A partial softmax over the last axis of ``s`` (``-inf`` = masked): the row maxima
     ``m`` (detached; ``-inf`` where nothing is visible), ``Σ e·v`` and ``Σ e`` with
-    ``e = exp(s - m)``."""
+    ``e = exp(s - m)``; without ``graph``, ``e`` overwrites ``s``."""
     with torch.no_grad():
         m = s.amax(-1)
         m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    if s.requires_grad or vb.requires_grad:
+    if graph:
         e = torch.exp(s - m_safe.unsqueeze(-1))
     else:  # no graph to keep: in place, no second (pairs x block) tensor
         e = s.sub_(m_safe.unsqueeze(-1)).exp_()
@@ -401,6 +401,7 @@ def block_pairs_attention(q, k, v, *, idx, valid, block, scale, causal, mask=Non
     off = Nk - Nq
     K = idx.shape[-1]
     BHN = B * Hq * Nq
+    graph = needs_graph(q, k, v)  # without one, the score tiles and the merge are updated in place
     neg = float("-inf")
     qs = q.to(ct) * scale
     kp_all = F.pad(k, (0, 0, 0, pad)).to(ct) if pad else k.to(ct)
@@ -435,7 +436,7 @@ def block_pairs_attention(q, k, v, *, idx, valid, block, scale, causal, mask=Non
                 ok = extra if ok is None else ok & extra
         if ok is not None:
             so = so.masked_fill(~ok, neg)
-        m, num, den = _partial(so.view(B, Hkv, G, nob, bs, bs), va)
+        m, num, den = _partial(so.view(B, Hkv, G, nob, bs, bs), va, graph)
         back = (0, 0, -lead, -pad)  # aligned rows -> query rows (rows before the keys: nothing)
         if lead or pad:
             m = F.pad(m.reshape(B, Hq, nob * bs, 1), back, value=neg).reshape(BHN)
@@ -475,10 +476,9 @@ def block_pairs_attention(q, k, v, *, idx, valid, block, scale, causal, mask=Non
     kt = kp_all.reshape(B * Hkv * nkb, bs, D).index_select(0, blocks)
     vt = vp_all.reshape(B * Hkv * nkb, bs, Dv).index_select(0, blocks)
     st = torch.bmm(qt, kt.transpose(1, 2))
-    graph = st.requires_grad
     if ok is not None:
         st = st.masked_fill(~ok, neg) if graph else st.masked_fill_(~ok, neg)
-    m_t, num_t, den_t = _partial(st, vt)
+    m_t, num_t, den_t = _partial(st, vt, graph)
     with torch.no_grad():
         m_t = m_t.masked_fill(~filled, neg).view(-1)
         flat = flat.view(-1)
@@ -488,7 +488,7 @@ def block_pairs_attention(q, k, v, *, idx, valid, block, scale, causal, mask=Non
         top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
         w_t = torch.exp(m_t - top[flat])  # 0 for empty rows and pairs with nothing visible
         w_own = [torch.exp(m - top[:BHN]) for m, _, _ in pieces]
-    if graph or any(num.requires_grad for _, num, _ in pieces):
+    if graph:
         out = torch.zeros(BHN + 1, Dv, dtype=ct, device=dev).index_add(0, flat, num_t.view(-1, Dv) * w_t.unsqueeze(-1))
         tot = torch.zeros(BHN + 1, dtype=ct, device=dev).index_add(0, flat, den_t.view(-1) * w_t)
         out, tot = out[:BHN], tot[:BHN]
